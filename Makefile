@@ -1,0 +1,56 @@
+# pvbess: make help lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+STAMP := $(VENV)/.installed
+export CITYLEARN_OFFLINE := 1
+export PVBESS_ROOT := $(CURDIR)
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install pvbess (idempotent; quick when nothing changed)
+
+run: install ## The main job: train PPO on the default site (iquitos_mall) for one simulated year, evaluate, log
+	$(BIN)/python -m pvbess.train $(ARGS)
+
+train: install ## Train with Hydra overrides: make train ARGS="agent=sac reward=co2_heavy site=tiny"
+	$(BIN)/python -m pvbess.train $(ARGS)
+
+site: install ## Build a site dataset and print its summary: make site ARGS="site=iquitos_mall"
+	$(BIN)/python -m pvbess.site $(ARGS)
+
+test: install ## Run the fast test suite (what CI runs)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install ## Run every test, the slow ones too
+	$(BIN)/python -m pytest -q
+
+lint: install ## ruff
+	$(BIN)/ruff check pvbess tests
+
+bench: install ## Print speed figures: CityLearn vs. pvbess env steps/s, PPO steps/s
+	$(BIN)/python -m pvbess.bench $(ARGS)
+
+ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+
+clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ and .venv
+	rm -rf experiments multirun data .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help install run train site test test-all lint bench ui clean

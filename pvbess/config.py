@@ -1,0 +1,391 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore.
+
+Hydra checks types while composing (``total_timesteps=abc`` fails there);
+``validate`` then runs the physical checks in each dataclass's ``check``
+(a negative capacity, an SOC window upside down) before any work starts.
+Every physical quantity carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class CsvSourceConfig:
+    """Where one user time series comes from, and how to read it."""
+
+    path: str | None = None
+    time_column: str = "datetime"
+    value_column: str = "value"
+    # 'kWh' = energy over each row's interval (summed when aggregating);
+    # 'kW' = mean power over the interval (averaged); also 'Wh', 'W', 'MWh', 'MW'.
+    unit: str = "kWh"
+    separator: str = "auto"
+    date_format: str | None = None
+    dayfirst: bool = False
+    # Time zone of naive timestamps; None = the site's time zone.
+    timezone: str | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class PvConfig:
+    source: str = "generated"  # generated | csv
+    dc_kwp: float = 4050.0
+    ac_kw: float = 1670.0
+    tilt_deg: float = 10.0
+    # pvlib convention: 0 = north, 180 = south. North faces the equator south of it.
+    azimuth_deg: float = 0.0
+    system_losses_frac: float = 0.14
+    ghi_target_kwh_m2_day: float = 4.75
+    csv: CsvSourceConfig = field(default_factory=CsvSourceConfig)
+
+    def check(self) -> None:
+        _require(self.source in ("generated", "csv"), "site.pv.source", "must be generated or csv")
+        _require(self.dc_kwp >= 0, "site.pv.dc_kwp", f"must be >= 0, got {self.dc_kwp}")
+        _require(self.ac_kw > 0, "site.pv.ac_kw", f"must be > 0, got {self.ac_kw}")
+        _require(
+            0 <= self.system_losses_frac < 1,
+            "site.pv.system_losses_frac",
+            f"must be in [0, 1), got {self.system_losses_frac}",
+        )
+        _require(
+            0 < self.ghi_target_kwh_m2_day < 12,
+            "site.pv.ghi_target_kwh_m2_day",
+            f"must be in (0, 12), got {self.ghi_target_kwh_m2_day}",
+        )
+        _require(
+            self.source != "csv" or bool(self.csv.path),
+            "site.pv.csv.path",
+            "is required when site.pv.source=csv",
+        )
+
+
+@dataclass
+class LoadConfig:
+    source: str = "generated"  # generated | csv
+    annual_energy_kwh: float = 12_368_653.0
+    peak_kw: float = 2763.0
+    open_hour: int = 9
+    close_hour: int = 22
+    weekend_factor: float = 1.1
+    seasonal_amplitude_frac: float = 0.08
+    noise_frac: float = 0.05
+    csv: CsvSourceConfig = field(default_factory=CsvSourceConfig)
+
+    def check(self) -> None:
+        _require(
+            self.source in ("generated", "csv"), "site.load.source", "must be generated or csv"
+        )
+        _require(self.annual_energy_kwh > 0, "site.load.annual_energy_kwh", "must be > 0")
+        mean_kw = self.annual_energy_kwh / 8760.0
+        _require(
+            self.peak_kw > mean_kw,
+            "site.load.peak_kw",
+            f"must exceed the mean load {mean_kw:.1f} kW implied by annual_energy_kwh",
+        )
+        _require(
+            0 <= self.open_hour < self.close_hour <= 24,
+            "site.load.open_hour/close_hour",
+            "need 0 <= open_hour < close_hour <= 24",
+        )
+        _require(
+            self.source != "csv" or bool(self.csv.path),
+            "site.load.csv.path",
+            "is required when site.load.source=csv",
+        )
+
+
+@dataclass
+class BessConfig:
+    capacity_kwh: float = 1700.0
+    power_kw: float = 400.0
+    soc_min_frac: float = 0.2
+    soc_max_frac: float = 1.0
+    initial_soc_frac: float = 0.5
+    round_trip_efficiency_frac: float = 0.95
+    # Highest power the cells accept, as a multiple of capacity per hour.
+    max_c_rate_per_h: float = 1.0
+
+    def check(self) -> None:
+        _require(
+            self.capacity_kwh > 0, "site.bess.capacity_kwh", f"must be > 0, got {self.capacity_kwh}"
+        )
+        _require(self.power_kw > 0, "site.bess.power_kw", f"must be > 0, got {self.power_kw}")
+        _require(
+            0 <= self.soc_min_frac < self.soc_max_frac <= 1,
+            "site.bess.soc_min_frac/soc_max_frac",
+            "need 0 <= soc_min_frac < soc_max_frac <= 1, "
+            f"got {self.soc_min_frac}, {self.soc_max_frac}",
+        )
+        _require(
+            self.soc_min_frac <= self.initial_soc_frac <= self.soc_max_frac,
+            "site.bess.initial_soc_frac",
+            "must lie within [soc_min_frac, soc_max_frac]",
+        )
+        _require(
+            0 < self.round_trip_efficiency_frac <= 1,
+            "site.bess.round_trip_efficiency_frac",
+            f"must be in (0, 1], got {self.round_trip_efficiency_frac}",
+        )
+        _require(
+            self.power_kw <= self.max_c_rate_per_h * self.capacity_kwh,
+            "site.bess.power_kw",
+            f"{self.power_kw} kW exceeds max_c_rate_per_h x capacity_kwh = "
+            f"{self.max_c_rate_per_h * self.capacity_kwh:.1f} kW",
+        )
+
+
+@dataclass
+class EvClassConfig:
+    sockets: int = 1
+    vehicles_per_day: float = 10.0
+    battery_kwh: float = 4.6
+    session_minutes_mean: float = 60.0
+    arrival_soc_frac_mean: float = 0.25
+    arrival_soc_frac_std: float = 0.08
+    required_soc_frac: float = 0.9
+
+    def check_class(self, name: str) -> None:
+        key = f"site.ev.classes.{name}"
+        _require(self.sockets >= 0, f"{key}.sockets", "must be >= 0")
+        _require(self.vehicles_per_day >= 0, f"{key}.vehicles_per_day", "must be >= 0")
+        _require(self.battery_kwh > 0, f"{key}.battery_kwh", "must be > 0")
+        _require(self.session_minutes_mean > 0, f"{key}.session_minutes_mean", "must be > 0")
+        _require(
+            0 <= self.arrival_soc_frac_mean < self.required_soc_frac <= 1,
+            f"{key}.required_soc_frac",
+            "need 0 <= arrival_soc_frac_mean < required_soc_frac <= 1",
+        )
+
+
+@dataclass
+class EvConfig:
+    socket_power_kw: float = 7.4
+    charger_efficiency_frac: float = 0.95
+    open_hour: int = 9
+    close_hour: int = 22
+    classes: dict[str, EvClassConfig] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _require(
+            self.socket_power_kw > 0,
+            "site.ev.socket_power_kw",
+            f"must be > 0, got {self.socket_power_kw}",
+        )
+        _require(
+            0 < self.charger_efficiency_frac <= 1,
+            "site.ev.charger_efficiency_frac",
+            "must be in (0, 1]",
+        )
+        _require(
+            0 <= self.open_hour < self.close_hour <= 24,
+            "site.ev.open_hour/close_hour",
+            "need 0 <= open_hour < close_hour <= 24",
+        )
+        _require(len(self.classes) > 0, "site.ev.classes", "needs at least one vehicle class")
+        for name, c in self.classes.items():
+            c.check_class(name)
+
+
+@dataclass
+class TariffConfig:
+    currency: str = "PEN"
+    peak_price_per_kwh: float = 0.45
+    offpeak_price_per_kwh: float = 0.28
+    peak_start_hour: int = 18
+    peak_end_hour: int = 23
+
+    def check(self) -> None:
+        _require(self.peak_price_per_kwh >= 0, "site.tariff.peak_price_per_kwh", "must be >= 0")
+        _require(
+            self.offpeak_price_per_kwh >= 0, "site.tariff.offpeak_price_per_kwh", "must be >= 0"
+        )
+        _require(
+            0 <= self.peak_start_hour <= self.peak_end_hour <= 24,
+            "site.tariff.peak_start_hour/peak_end_hour",
+            "need 0 <= peak_start_hour <= peak_end_hour <= 24",
+        )
+
+
+@dataclass
+class GridConfig:
+    carbon_intensity_kg_per_kwh: float = 0.4521
+
+    def check(self) -> None:
+        _require(
+            self.carbon_intensity_kg_per_kwh >= 0,
+            "site.grid.carbon_intensity_kg_per_kwh",
+            "must be >= 0",
+        )
+
+
+@dataclass
+class SiteConfig:
+    name: str = MISSING
+    latitude_deg: float = -3.7469
+    longitude_deg: float = -73.2528
+    altitude_m: float = 104.0
+    timezone: str = "America/Lima"
+    start: str = "2024-01-01 00:00"
+    days: int = 365
+    step_minutes: int = 60
+    seed: int = 0
+    pv: PvConfig = field(default_factory=PvConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    bess: BessConfig = field(default_factory=BessConfig)
+    ev: EvConfig = field(default_factory=EvConfig)
+    tariff: TariffConfig = field(default_factory=TariffConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    def check(self) -> None:
+        _require(self.days >= 1, "site.days", f"must be >= 1, got {self.days}")
+        _require(
+            self.step_minutes == 60, "site.step_minutes", "only hourly steps (60) are supported"
+        )
+        _require(-90 <= self.latitude_deg <= 90, "site.latitude_deg", "must be in [-90, 90]")
+        _require(-180 <= self.longitude_deg <= 180, "site.longitude_deg", "must be in [-180, 180]")
+
+
+@dataclass
+class RewardWeights:
+    co2: float = 0.5
+    solar: float = 0.2
+    cost: float = 0.15
+    ev: float = 0.1
+    grid: float = 0.05
+
+    def check(self) -> None:
+        values = {
+            "co2": self.co2,
+            "solar": self.solar,
+            "cost": self.cost,
+            "ev": self.ev,
+            "grid": self.grid,
+        }
+        for key, value in values.items():
+            _require(value >= 0, f"reward.weights.{key}", f"must be >= 0, got {value}")
+        _require(sum(values.values()) > 0, "reward.weights", "must not all be zero")
+
+
+@dataclass
+class RewardConfig:
+    name: str = MISSING
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    # Import above this share of the site's peak load is penalised by the grid term.
+    peak_threshold_frac: float = 0.8
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto | cpu | cuda
+
+    def check(self) -> None:
+        _require(self.name in ("auto", "cpu", "cuda"), "device.name", "must be auto, cpu or cuda")
+
+
+@dataclass
+class EnvConfig:
+    _target_: str = "pvbess.env.SiteEnv"
+    _partial_: bool = True
+    backend: str = "citylearn"
+    safety_layer: bool = True
+
+    def check(self) -> None:
+        _require(self.backend in ("citylearn",), "env.backend", f"unknown backend {self.backend!r}")
+
+
+@dataclass
+class TrackingConfig:
+    # None = sqlite:///<root>/mlruns/mlflow.db; http://... = a tracking server.
+    uri: str | None = None
+    artifact_location: str | None = None
+    # None = one experiment per site, named after it.
+    experiment: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    total_timesteps: int = 8760
+    eval_episodes: int = 1
+    checkpoint_every: int = 4380
+    # SB3's log_interval: iterations (PPO, A2C) or episodes (SAC) between metric dumps.
+    log_interval: int = 1
+    agent: dict[str, Any] = field(default_factory=dict)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def check(self) -> None:
+        _require(
+            self.total_timesteps >= 0,
+            "total_timesteps",
+            f"must be >= 0, got {self.total_timesteps}",
+        )
+        _require(
+            self.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {self.eval_episodes}"
+        )
+        _require(
+            self.checkpoint_every >= 1,
+            "checkpoint_every",
+            f"must be >= 1, got {self.checkpoint_every}",
+        )
+        _require("_target_" in self.agent, "agent", "needs a _target_ (choose agent=ppo|sac|a2c)")
+
+
+def register() -> None:
+    """Register the schemas that conf/*.yaml extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="site_schema", node=SiteConfig)
+
+
+def _check_tree(obj: Any) -> None:
+    """Call ``check()`` on a dataclass and every dataclass inside it."""
+    if is_dataclass(obj):
+        if hasattr(obj, "check"):
+            obj.check()
+        for f in fields(obj):
+            _check_tree(getattr(obj, f.name))
+
+
+def validate_site(cfg: DictConfig) -> SiteConfig:
+    """Run the physical checks on a composed site config; return the typed object."""
+    site = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SiteConfig), cfg))
+    assert isinstance(site, SiteConfig)
+    _check_tree(site)
+    return site
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Run every ``check`` on a composed config; raise ConfigError naming the key."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConfig)
+    _check_tree(obj)
+    return obj

@@ -1,0 +1,108 @@
+"""Every option of every config group composes and validates; bad input fails early, by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from pvbess import config
+
+from .conftest import CONF, ROOT, compose_cfg
+
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("agent", "reward", "site", "device")
+}
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = compose_cfg([f"{group}={option}"])
+    typed = config.validate(cfg)
+    assert cfg[group] is not None
+    if group == "agent":
+        assert callable(instantiate(cfg.agent))
+    if group == "site":
+        assert typed.site.name == option
+        assert sum(c.sockets for c in typed.site.ev.classes.values()) > 0
+
+
+def test_groups_are_complete() -> None:
+    assert {"ppo", "sac", "a2c"} <= set(GROUPS["agent"])
+    assert {"balanced", "co2_heavy", "cost_heavy", "solar_heavy", "ev_first"} <= set(
+        GROUPS["reward"]
+    )
+    assert {"tiny", "iquitos_mall", "iquitos_mall_128"} <= set(GROUPS["site"])
+    assert set(GROUPS["device"]) == {"auto", "cpu", "cuda"}
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    cfg = compose_cfg([])
+    assert cfg.site.name == "iquitos_mall"
+    assert cfg.agent._target_ == "stable_baselines3.PPO"
+    assert cfg.reward.name == "balanced"
+    w = cfg.reward.weights
+    assert (w.co2, w.solar, w.cost, w.ev, w.grid) == (0.5, 0.2, 0.15, 0.1, 0.05)
+    assert cfg.site.bess.capacity_kwh == 1700.0 and cfg.site.bess.power_kw == 400.0
+    n = sum(c.sockets for c in cfg.site.ev.classes.values())
+    assert n == 38
+
+
+def test_override_reaches_nested_site_value() -> None:
+    cfg = compose_cfg(["site.bess.capacity_kwh=2000", "reward.weights.co2=0.6"])
+    typed = config.validate(cfg)
+    assert typed.site.bess.capacity_kwh == 2000.0
+    assert typed.reward.weights.co2 == 0.6
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("site.bess.capacity_kwh=-5", "site.bess.capacity_kwh"),
+        ("site.bess.power_kw=5000", "site.bess.power_kw"),
+        ("site.ev.socket_power_kw=0", "site.ev.socket_power_kw"),
+        ("site.bess.soc_min_frac=1.2", "site.bess.soc_min_frac"),
+        ("site.bess.initial_soc_frac=0.1", "site.bess.initial_soc_frac"),
+        ("reward.weights.co2=-1", "reward.weights.co2"),
+        ("eval_episodes=0", "eval_episodes"),
+    ],
+)
+def test_physically_invalid_values_name_the_key(override: str, key: str) -> None:
+    cfg = compose_cfg([override])
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.validate(cfg)
+
+
+def test_all_zero_weights_rejected() -> None:
+    cfg = compose_cfg([f"reward.weights.{k}=0" for k in ("co2", "solar", "cost", "ev", "grid")])
+    with pytest.raises(config.ConfigError, match="must not all be zero"):
+        config.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("total_timesteps=abc", "total_timesteps"),
+        ("agent=nonexistent", "agent/nonexistent"),
+        ("site.bess.capacity_kwh=-5", "site.bess.capacity_kwh"),
+    ],
+)
+def test_bad_override_exits_nonzero_naming_the_key(override: str, needle: str, tmp_path) -> None:
+    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvbess.train", override, "site=tiny"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+    # Failed before any work: no dataset was built.
+    assert not (tmp_path / "data").exists()

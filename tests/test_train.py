@@ -1,0 +1,83 @@
+"""End to end on the tiny site: each agent trains, evaluates and is found in MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pvbess import train
+
+SMALL = {
+    "ppo": ["agent.n_steps=64", "agent.batch_size=32", "agent.n_epochs=2"],
+    "sac": ["agent.learning_starts=50", "agent.buffer_size=1000", "agent.batch_size=32"],
+    "a2c": [],
+}
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+@pytest.mark.parametrize("agent", ["ppo", "sac", "a2c"])
+def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
+    cfg = make_cfg(
+        f"agent={agent}",
+        "site=tiny",
+        "total_timesteps=300",
+        "checkpoint_every=100",
+        "seed=3",
+        *SMALL[agent],
+    )
+    kpis = train.train(cfg)
+    assert kpis["ev_unmet_kwh"] == pytest.approx(0.0, abs=1e-6)
+
+    mlflow.set_tracking_uri(f"sqlite:///{cfg.paths.root_dir}/mlruns/mlflow.db")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"{agent}-balanced-s3"
+    tags = run.data.tags
+    assert tags["agent"] == agent and tags["reward"] == "balanced" and tags["site"] == "tiny"
+    assert tags["seed"] == "3" and tags["site_data_hash"] and tags["pvbess_version"]
+    params = run.data.params
+    assert params["total_timesteps"] == "300"
+    assert params["site.bess.capacity_kwh"] == "100.0"
+    assert params["agent._target_"].lower().endswith(agent)
+    m = run.data.metrics
+    for key in (
+        "eval/co2_kg",
+        "eval/grid_import_kwh",
+        "eval/pv_generation_kwh",
+        "eval/ev_unmet_kwh",
+        "episode/return",
+        "episode/reward_co2",
+    ):
+        assert key in m, key
+    assert m["eval/co2_kg"] == pytest.approx(kpis["co2_kg"])
+    assert any(k.startswith("train/") for k in m), sorted(m)
+    assert any(k.startswith("citylearn/") for k in m)
+
+    files = _artifacts(client, run.info.run_id)
+    assert any(f.startswith("checkpoints/") and f.endswith(".zip") for f in files), files
+    for f in (
+        "model/model.zip",
+        "eval_timeseries.csv",
+        "result.json",
+        "dashboard.png",
+        "config.yaml",
+        "site/summary.json",
+        "site/site.png",
+    ):
+        assert f in files, f
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="result.json")
+    result = json.loads(open(local).read())
+    assert result["kpis"]["co2_kg"] == pytest.approx(kpis["co2_kg"])
