@@ -26,8 +26,10 @@ def _compose(site: str):
     config.register()
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("train", overrides=[f"site={site}", "paths.root_dir=/unused",
-                                          "paths.output_dir=/unused"])
+        cfg = compose(
+            "train",
+            overrides=[f"site={site}", "paths.root_dir=/unused", "paths.output_dir=/unused"],
+        )
     return config.validate(cfg)
 
 
@@ -92,13 +94,19 @@ def main(argv: list[str] | None = None) -> None:
             unsafe.append(_pvbess_steps_per_s(ds, actions, safety=False))
         ppo = _ppo_steps_per_s(ds, args.ppo_steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"site={args.site}  sockets={ds.n_sockets}  steps/measurement={n}  repeats={args.repeats}")
+    print(
+        f"site={args.site}  sockets={ds.n_sockets}  steps/measurement={n}  repeats={args.repeats}"
+    )
     print(f"  dataset build (uncached)        {build_s:10.2f} s")
     print(f"  CityLearn raw, random actions   {max(raw):10.1f} steps/s")
-    print(f"  pvbess env, same actions        {max(wrapped):10.1f} steps/s  "
-          f"ratio {max(wrapped) / max(raw):.3f} (target >= 0.95)")
-    print(f"  pvbess env, no safety layer     {max(unsafe):10.1f} steps/s  "
-          f"ratio {max(unsafe) / max(raw):.3f}")
+    print(
+        f"  pvbess env, same actions        {max(wrapped):10.1f} steps/s  "
+        f"ratio {max(wrapped) / max(raw):.3f} (target >= 0.95)"
+    )
+    print(
+        f"  pvbess env, no safety layer     {max(unsafe):10.1f} steps/s  "
+        f"ratio {max(unsafe) / max(raw):.3f}"
+    )
     print(f"  PPO training end to end         {ppo:10.1f} env steps/s ({args.ppo_steps} steps)")
     print(f"  peak memory (RSS)               {peak_mb:10.0f} MB")
 

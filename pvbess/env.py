@@ -94,25 +94,33 @@ class CityLearnBackend:
         obs, _ = self.env.reset(seed=seed)
         return np.asarray(obs[0], dtype=np.float64)
 
-    def ev_soc_and_capacity(self) -> tuple[np.ndarray, np.ndarray]:
-        """SOC at the start of this step and capacity [kWh] of each plugged-in EV (0 if none)."""
-        soc = np.zeros(len(self.chargers))
-        cap = np.zeros(len(self.chargers))
-        for i, c in enumerate(self.chargers):
-            ev = c.connected_electric_vehicle
+    def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SOC at the start of this step and capacity [kWh] of the EV at each given socket.
+
+        Only the sockets asked for are read: attribute access into CityLearn is the cost here.
+        """
+        soc = np.zeros(len(sockets))
+        cap = np.zeros(len(sockets))
+        for j, i in enumerate(sockets):
+            ev = self.chargers[i].connected_electric_vehicle
             if ev is not None:
                 b = ev.battery
-                cap[i] = b.capacity
-                soc[i] = b.energy_init / b.capacity
+                cap[j] = b.capacity
+                soc[j] = b.energy_init / b.capacity
         return soc, cap
 
-    def ev_soc_after_step(self, t: int) -> np.ndarray:
-        out = np.zeros(len(self.chargers))
-        for i, c in enumerate(self.chargers):
-            ev = c.past_connected_evs[t]
+    def ev_soc_and_capacity_after_step(
+        self, t: int, sockets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SOC after step t and capacity [kWh] of the EV that was at each given socket."""
+        soc = np.zeros(len(sockets))
+        cap = np.zeros(len(sockets))
+        for j, i in enumerate(sockets):
+            ev = self.chargers[i].past_connected_evs[t]
             if ev is not None:
-                out[i] = ev.battery.soc[t]
-        return out
+                soc[j] = ev.battery.soc[t]
+                cap[j] = ev.battery.capacity
+        return soc, cap
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, dict[str, float], bool]:
         t = self.t
@@ -187,16 +195,20 @@ class SiteEnv(gym.Env):
         Returns the new actions in [0, 1] and the battery-side energy forced [kWh].
         """
         b = self.backend
-        soc, cap = b.ev_soc_and_capacity()
-        plugged = (b.state[:, t] == 1) & (cap > 0)
-        need_kwh = np.where(plugged, np.maximum(b.required_soc[:, t] - soc, 0.0) * cap, 0.0)
+        new = ev_action.copy()
+        forced = np.zeros_like(ev_action)
+        plugged = np.flatnonzero(b.state[:, t] == 1)
+        if plugged.size == 0:
+            return new, forced
+        soc, cap = b.ev_soc_and_capacity(plugged)
+        need_kwh = np.maximum(b.required_soc[plugged, t] - soc, 0.0) * cap
         step_kwh = self.socket_energy_kwh * self.charger_eff
-        later_kwh = np.maximum(b.departure_steps[:, t] - 1, 0) * step_kwh
+        later_kwh = np.maximum(b.departure_steps[plugged, t] - 1, 0) * step_kwh
         must_now = np.clip((need_kwh - later_kwh) / step_kwh, 0.0, 1.0)
         # Tiny upward margin: CityLearn stores SOC in float32.
         must_now = np.where(must_now > 0, np.minimum(must_now * (1 + 1e-5) + 1e-7, 1.0), 0.0)
-        new = np.maximum(ev_action, must_now)
-        forced = np.maximum(new - ev_action, 0.0) * step_kwh
+        new[plugged] = np.maximum(ev_action[plugged], must_now)
+        forced[plugged] = (new[plugged] - ev_action[plugged]) * step_kwh
         return new, forced
 
     # -- gym API -------------------------------------------------------------------------
@@ -266,10 +278,9 @@ class SiteEnv(gym.Env):
         departing = (b.state[:, t] == 1) & (b.departure_steps[:, t] == 1)
         unmet = 0.0
         if departing.any():
-            soc_after = b.ev_soc_after_step(t)
             idx = np.flatnonzero(departing)
-            caps = np.array([b.chargers[i].past_connected_evs[t].battery.capacity for i in idx])
-            gap = np.maximum(b.required_soc[idx, t] - soc_after[idx], 0.0) * caps
+            soc_after, caps = b.ev_soc_and_capacity_after_step(t, idx)
+            gap = np.maximum(b.required_soc[idx, t] - soc_after, 0.0) * caps
             # Below 1e-4 of capacity is float32 rounding in CityLearn's SOC, not a shortfall.
             gap = np.where(gap > 1e-4 * caps, gap, 0.0)
             unmet = float(gap.sum())

@@ -9,12 +9,17 @@ are always distinct vehicles (CityLearn resets the SOC on a new connection).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
 
 from pvbess.config import EvConfig
+from pvbess.timeseries_io import DataError
+from pvbess.validation import PlausibilityWarning
 
 SESSION_COLUMNS = [
     "session_id",
@@ -99,7 +104,7 @@ def generate_sessions(index: pd.DatetimeIndex, ev: EvConfig, seed: int) -> EvSes
                     continue
                 k = int(free[np.argmin(free_at[free])])  # longest-idle socket
                 departure = int(min(step + dwell, close_step[step]))
-                ev_id = f"{name}_{k:03d}_ev{sessions_at[k] % 2}"
+                ev_id = vehicle_ids(f"{name}_{k:03d}")[sessions_at[k] % 2]
                 rows.append(
                     (
                         f"{name}_{k:03d}-{sessions_at[k]}",
@@ -164,6 +169,11 @@ def charger_table(sessions: pd.DataFrame, socket_id: str, n_steps: int) -> pd.Da
     )
 
 
+def vehicle_ids(socket_id: str) -> list[str]:
+    """The two vehicle ids that alternate at one socket (as in the sessions' ``ev_id``)."""
+    return [f"{socket_id}_ev{k}" for k in range(2)]
+
+
 def ev_pool(sessions: EvSessions, ev: EvConfig) -> dict[str, dict]:
     """CityLearn ``electric_vehicles_def``: two vehicles per socket.
 
@@ -173,8 +183,8 @@ def ev_pool(sessions: EvSessions, ev: EvConfig) -> dict[str, dict]:
     pool = {}
     for sid, name in sessions.sockets:
         c = ev.classes[name]
-        for k in range(2):
-            pool[f"{sid}_ev{k}"] = {
+        for vid in vehicle_ids(sid):
+            pool[vid] = {
                 "include": True,
                 "battery": {
                     "type": "citylearn.energy_model.Battery",

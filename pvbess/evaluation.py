@@ -63,8 +63,10 @@ def citylearn_kpis(env: SiteEnv) -> dict[str, float]:
 
 
 def citylearn_co2_kg(env: SiteEnv) -> float:
-    """CityLearn's own control emissions total [kg], from its building records."""
-    return float(np.sum(env.citylearn.buildings[0].net_electricity_consumption_emission))
+    """CityLearn's own absolute control emissions of the episode [kg] (``evaluate_v2``)."""
+    frame = env.citylearn.evaluate_v2(include_business_as_usual=False)
+    row = frame[frame["cost_function"] == "district_emissions_total_control_kgco2"]
+    return float(row["value"].iloc[0])
 
 
 def evaluate(
