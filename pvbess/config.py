@@ -8,7 +8,9 @@ Every physical quantity carries its unit in its name.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -359,8 +361,24 @@ class TrainConfig:
         _require("_target_" in self.agent, "agent", "needs a _target_ (choose agent=ppo|sac|a2c)")
 
 
+def project_root() -> str:
+    """Where outputs go: $PVBESS_ROOT, else the source checkout, else the working directory.
+
+    Resolved without Hydra's runtime, so that sweep directories (resolved before
+    a job starts) and every job agree on one absolute root.
+    """
+    env = os.environ.get("PVBESS_ROOT")
+    if env:
+        return str(Path(env).resolve())
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir():
+        return str(checkout)
+    return str(Path.cwd())
+
+
 def register() -> None:
-    """Register the schemas that conf/*.yaml extend."""
+    """Register the schemas that conf/*.yaml extend, and the ${pvbess_root:} resolver."""
+    OmegaConf.register_new_resolver("pvbess_root", project_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="site_schema", node=SiteConfig)

@@ -88,9 +88,53 @@ def test_same_seed_same_results(tmp_path) -> None:
 
     runs = []
     for k in range(2):
-        cfg = compose_cfg(["agent=ppo", "site=tiny", "total_timesteps=128", "checkpoint_every=1000",
-                           "device=cpu", *SMALL["ppo"]], tmp_path / f"run{k}")
+        cfg = compose_cfg(
+            [
+                "agent=ppo",
+                "site=tiny",
+                "total_timesteps=128",
+                "checkpoint_every=1000",
+                "device=cpu",
+                *SMALL["ppo"],
+            ],
+            tmp_path / f"run{k}",
+        )
         runs.append(train.train(cfg))
     assert runs[0] == runs[1]
     # The trained policy really acted: the battery moved.
     assert runs[0]["battery_throughput_kwh"] > 0
+
+
+def test_multirun_writes_every_job_to_one_store(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pvbess.train",
+            "--multirun",
+            "agent=ppo,a2c",
+            "site=tiny",
+            "total_timesteps=100",
+            "agent.n_steps=32",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "multirun").glob("*/*/*_*-balanced-s0"))) == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(r.data.tags["agent"] for r in runs) == ["a2c", "ppo"]
+    assert all(r.info.status == "FINISHED" and "eval/co2_kg" in r.data.metrics for r in runs)
