@@ -32,6 +32,16 @@ train: install ## Train with Hydra overrides: make train ARGS="agent=sac reward=
 site: install ## Build a site dataset and print its summary: make site ARGS="site=iquitos_mall"
 	$(BIN)/python -m pvbess.site $(ARGS)
 
+compare: install ## Compare the site's runs from MLflow: make compare ARGS="site=tiny reward=balanced"
+	$(BIN)/python -m pvbess.compare $(ARGS)
+
+SITE ?= iquitos_mall
+BUDGET ?= 8760
+compare-all: install ## The whole study for SITE: 3 baselines, PPO/SAC/A2C at BUDGET steps, then compare
+	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=uncontrolled,rbc,optimal $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=ppo,sac,a2c total_timesteps=$(BUDGET) $(ARGS)
+	$(BIN)/python -m pvbess.compare site=$(SITE)
+
 test: install ## Run the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q
 
@@ -53,4 +63,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site test test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all test test-all lint bench ui clean

@@ -1,8 +1,11 @@
 """Turn a site config into a validated CityLearn dataset (schema.json + CSVs), cached.
 
 The cache key is a hash of everything that shapes the data: the site config,
-the content of any user file it reads, and ``DATA_VERSION`` (bumped when the
-generators change). Runs are tagged with that hash.
+the content (not the location) of any user file it reads, and ``DATA_VERSION``
+(bumped when the generators or the folder layout change). Runs are tagged with
+that hash. Every input is validated before anything is written; a folder is
+written under a temporary name, closed by ``manifest.json`` and renamed, so a
+half-written dataset is never reused.
 """
 
 from __future__ import annotations
@@ -11,23 +14,29 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from pvbess import battery, ev_sessions, load, plots, pv, tariff
-from pvbess.config import SiteConfig
-from pvbess.timeseries_io import read_series
-from pvbess.validation import check_pv_plausibility, check_series
+from pvbess.config import ConfigError, SiteConfig, validate_site
+from pvbess.timeseries_io import DataError, read_series
+from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "1"
+# 2: manifest.json closes a folder; user files hashed by content only; summary warnings.
+DATA_VERSION = "2"
 BUILDING = "mall"
 STEP_HOURS = 1.0
+MANIFEST = "manifest.json"
+SERIES_COLUMNS = ("pv_kwh", "load_kwh", "price_per_kwh", "carbon_kg_per_kwh")
 
 # Per-building observations the agent sees (CityLearn names), then per charger.
 OBSERVATIONS = [
@@ -69,29 +78,55 @@ class SiteDataset:
 
 
 def site_index(site: SiteConfig) -> pd.DatetimeIndex:
-    """Hourly, left-labelled, tz-aware steps of the site's period."""
-    return pd.date_range(
-        pd.Timestamp(site.start), periods=site.days * 24, freq="h", tz=site.timezone, name="time"
-    )
+    """Hourly, left-labelled, tz-aware steps of the site's period.
+
+    Raises ConfigError naming ``site.start`` or ``site.timezone`` when they cannot
+    define the period: an unreadable start, a start with a UTC offset (it is local
+    time in ``site.timezone``) or off the hourly grid, an unknown time zone.
+    """
+    try:
+        start = pd.Timestamp(site.start)
+    except ValueError as exc:
+        raise ConfigError(
+            f"site.start: cannot read {site.start!r} as a date and time (e.g. '2024-01-01 00:00')"
+        ) from exc
+    if start.tz is not None:
+        raise ConfigError(
+            f"site.start: {site.start!r} has a UTC offset; write the local time, the zone is "
+            "site.timezone"
+        )
+    if start != start.floor("h"):
+        raise ConfigError(f"site.start: {site.start!r} must be on a whole hour (hourly steps)")
+    try:
+        return pd.date_range(start, periods=site.days * 24, freq="h", tz=site.timezone, name="time")
+    except KeyError as exc:  # zoneinfo's ZoneInfoNotFoundError
+        raise ConfigError(
+            f"site.timezone: unknown time zone {site.timezone!r} (an IANA name, e.g. America/Lima)"
+        ) from exc
 
 
 def _file_digest(path: str | None) -> str | None:
     if not path:
         return None
-    p = Path(path)
+    p = Path(path).expanduser()  # as read_series opens it
     if not p.is_file():
         return f"missing:{p}"
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def data_hash(site: SiteConfig) -> str:
-    """Short hash of everything that shapes the generated data."""
-    payload = {
-        "version": DATA_VERSION,
-        "site": asdict(site),
-        "pv_file": _file_digest(site.pv.csv.path) if site.pv.source == "csv" else None,
-        "load_file": _file_digest(site.load.csv.path) if site.load.source == "csv" else None,
-    }
+    """Short hash [12 hex digits] of everything that shapes the generated data.
+
+    A user file counts by its content (SHA-256), not by its path: the same data give
+    the same hash in every checkout, and an edited file gives a new one.
+    """
+    settings = asdict(site)
+    files = {}
+    for key, source in (("pv", site.pv), ("load", site.load)):
+        if source.source == "csv":
+            files[key] = _file_digest(source.csv.path)
+            settings[key]["csv"]["path"] = None
+    payload = {"version": DATA_VERSION, "site": settings, "files": files}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -100,15 +135,8 @@ def _pv_frame(site: SiteConfig, index: pd.DatetimeIndex) -> pd.DataFrame:
     """PV energy per step [kWh] plus the weather CityLearn wants."""
     frame = pv.from_config(index, site)
     if site.pv.source == "csv":
-        pv_kwh = read_series(site.pv.csv, index, name="pv_kwh")
-        check_pv_plausibility(
-            pv_kwh,
-            dc_kwp=site.pv.dc_kwp,
-            ac_kw=site.pv.ac_kw,
-            step_hours=STEP_HOURS,
-            source=str(site.pv.csv.path),
-        )
-        frame["pv_kwh"] = pv_kwh.to_numpy()
+        # Its plausibility is checked with the other inputs, in validate_inputs.
+        frame["pv_kwh"] = read_series(site.pv.csv, index, name="pv_kwh").to_numpy()
     else:
         frame["pv_kwh"] = frame["ac_power_kw"] * STEP_HOURS
     return frame
@@ -132,11 +160,48 @@ def build_series(site: SiteConfig, index: pd.DatetimeIndex) -> tuple[pd.DataFram
         },
         index=index,
     )
-    for column in series.columns:
-        check_series(
-            series[column], source=f"site {site.name}", column=column, expected_index=index
-        )
     return series, weather
+
+
+def validate_inputs(
+    site: SiteConfig,
+    index: pd.DatetimeIndex,
+    series: pd.DataFrame,
+    sessions: ev_sessions.EvSessions,
+) -> list[str]:
+    """Check every input before anything is written; return the plausibility warnings.
+
+    Raises DataError (naming the column and the first offending row and time) unless
+    each series has one finite, non-negative value per step of the period and the EV
+    sessions fit the sockets, the EV pool and the period. Warns (PlausibilityWarning)
+    about PV no system of this size delivers and about EV classes whose median session
+    cannot reach its required SOC at socket power; the messages are returned.
+    """
+    source = f"site {site.name}"
+    for column in SERIES_COLUMNS:
+        if column not in series.columns:
+            raise DataError(f"{source}: series has no column {column!r}.", column=column)
+        check_series(series[column], source=source, column=column, expected_index=index)
+    ev_sessions.check_sessions(
+        sessions.sessions,
+        sessions.sockets,
+        len(index),
+        source=f"{source}, EV sessions",
+        index=index,
+        vehicles=set(ev_sessions.ev_pool(sessions, site.ev)),
+    )
+    pv_source = str(site.pv.csv.path) if site.pv.source == "csv" else f"{source}, generated PV"
+    messages = check_pv_plausibility(
+        series["pv_kwh"],
+        dc_kwp=site.pv.dc_kwp,
+        ac_kw=site.pv.ac_kw,
+        step_hours=STEP_HOURS,
+        source=pv_source,
+    )
+    messages += ev_sessions.check_reachable(
+        sessions.sessions, site.ev, step_hours=STEP_HOURS, source=source
+    )
+    return messages
 
 
 def _building_frame(index: pd.DatetimeIndex, series: pd.DataFrame, dc_kwp: float) -> pd.DataFrame:
@@ -252,8 +317,16 @@ def summarize(
     n_days = len(series) / 24.0
     pv_kwh = float(series["pv_kwh"].sum())
     s = sessions.sessions
+    # Sockets occupied at once: +1 at each arrival, -1 at each departure.
+    occupied = np.zeros(len(series) + 1, dtype=np.int64)
+    np.add.at(occupied, s["arrival_step"].to_numpy(dtype=np.int64), 1)
+    np.add.at(occupied, s["departure_step"].to_numpy(dtype=np.int64), -1)
+    plugged_peak = int(np.cumsum(occupied).max()) if len(s) else 0
+    served = s["ev_class"].value_counts()
     return {
         "site": site.name,
+        "pv_source": site.pv.source,
+        "load_source": site.load.source,
         "steps": len(series),
         "days": n_days,
         "pv_energy_kwh": pv_kwh,
@@ -269,66 +342,158 @@ def summarize(
         "ev_required_energy_kwh": sessions.required_energy_kwh,
         "ev_required_energy_kwh_per_day": sessions.required_energy_kwh / n_days,
         "ev_arrivals": dict(sessions.arrivals),
+        "ev_served_arrivals": {name: int(served.get(name, 0)) for name in site.ev.classes},
         "ev_unserved_arrivals": dict(sessions.unserved),
+        "ev_unreachable_sessions": ev_sessions.unreachable_sessions(s, site.ev, STEP_HOURS),
         "ev_socket_power_kw_total": len(sessions.sockets) * site.ev.socket_power_kw,
+        "ev_plugged_peak": plugged_peak,
+        "ev_plugged_peak_kw": plugged_peak * site.ev.socket_power_kw,
         "bess_capacity_kwh": site.bess.capacity_kwh,
         "bess_power_kw": site.bess.power_kw,
     }
 
 
+def _check_config(site: SiteConfig) -> None:
+    """The config's own checks (config.py), also for a SiteConfig built in code."""
+    validate_site(OmegaConf.structured(site))
+
+
+def _is_complete(root: Path, digest: str) -> bool:
+    """True if ``root`` holds a finished dataset of this hash: its manifest and every file."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("data_hash") != digest:
+        return False
+    for name, size in manifest.get("files", {}).items():
+        path = root / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _write_manifest(folder: Path, digest: str) -> None:
+    """Close a dataset folder: the list of its files and sizes, written last."""
+    files = {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {"data_hash": digest, "data_version": DATA_VERSION, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _publish(tmp: Path, root: Path, digest: str, *, replace: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``root``, replacing an incomplete one.
+
+    A complete ``root`` of the same hash is kept unless ``replace`` (a forced rebuild).
+    """
+    if not replace and _is_complete(root, digest):
+        # A concurrent build of the same hash finished first; it may be in use: keep it.
+        return
+    if root.exists():
+        # An interrupted or outdated build: move it aside first so that root never
+        # holds a mix of old and new files.
+        stale = Path(tempfile.mkdtemp(prefix=f".{root.name}-", suffix=".stale", dir=root.parent))
+        root.rename(stale / root.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.rename(root)  # atomic on one file system
+    except OSError:
+        if not _is_complete(root, digest):
+            raise
+
+
+def _load(site: SiteConfig, root: Path, index: pd.DatetimeIndex, digest: str) -> SiteDataset:
+    """A finished dataset from the cache; its plausibility warnings are raised again."""
+    # round_trip: the floats read back are the very ones written, as in a fresh build.
+    series = pd.read_csv(root / "series.csv", index_col=0, float_precision="round_trip")
+    series.index = index
+    summary = json.loads((root / "summary.json").read_text())
+    for message in summary.get("warnings", []):
+        # Doubtful data stay doubtful on every use, not only on the first build.
+        warnings.warn(message, PlausibilityWarning, stacklevel=3)
+    return SiteDataset(
+        root=root,
+        schema_path=root / "schema.json",
+        data_hash=digest,
+        site=site,
+        index=index,
+        series=series,
+        sessions=pd.read_csv(
+            root / "sessions.csv", keep_default_na=False, float_precision="round_trip"
+        ),
+        sockets=ev_sessions.socket_ids(site.ev),
+        summary=summary,
+    )
+
+
+def _write(
+    folder: Path,
+    site: SiteConfig,
+    series: pd.DataFrame,
+    weather: pd.DataFrame,
+    sessions: ev_sessions.EvSessions,
+    summary: dict[str, Any],
+) -> None:
+    """Every file of the dataset into ``folder``, the manifest last."""
+    n_steps = len(series)
+    (folder / "chargers").mkdir()
+    _pad(_building_frame(series.index, series, site.pv.dc_kwp)).to_csv(
+        folder / "building.csv", index=False
+    )
+    _pad(_weather_frame(weather)).to_csv(folder / "weather.csv", index=False)
+    pricing = pd.DataFrame(
+        _with_predictions(series["price_per_kwh"].to_numpy(), "electricity_pricing")
+    )
+    _pad(pricing).to_csv(folder / "pricing.csv", index=False)
+    carbon = pd.DataFrame({"carbon_intensity": series["carbon_kg_per_kwh"].to_numpy()})
+    _pad(carbon).to_csv(folder / "carbon_intensity.csv", index=False)
+    for sid, _ in sessions.sockets:
+        # One step more than the period, all "away": the padding row.
+        table = ev_sessions.charger_table(sessions.sessions, sid, n_steps + 1)
+        table.to_csv(folder / "chargers" / f"{sid}.csv", index=False)
+    (folder / "schema.json").write_text(json.dumps(_schema(site, n_steps, sessions), indent=1))
+    series.to_csv(folder / "series.csv")
+    sessions.sessions.to_csv(folder / "sessions.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    # What a training run logs about its site: the summary and a one-page plot.
+    (folder / "report").mkdir()
+    shutil.copy(folder / "summary.json", folder / "report" / "summary.json")
+    plots.site_page(series, sessions.sessions, summary, folder / "report" / "site.png")
+    _write_manifest(folder, summary["data_hash"])
+
+
 def build(site: SiteConfig, data_dir: str | Path, force: bool = False) -> SiteDataset:
-    """Build (or reuse from cache) the site's CityLearn dataset."""
+    """Build (or reuse from cache) the site's CityLearn dataset.
+
+    Before anything is written: ConfigError (naming the key) for a contradictory
+    config, DataError (naming the file or table, column and first offending row) for
+    bad data, PlausibilityWarning for doubtful data (again on each cache reuse).
+    """
+    _check_config(site)
     index = site_index(site)
     digest = data_hash(site)
     root = Path(data_dir) / f"{site.name}-{digest}"
-    series_path = root / "series.csv"
-    sessions_path = root / "sessions.csv"
-    summary_path = root / "summary.json"
-    if not force and (root / "schema.json").is_file() and summary_path.is_file():
-        series = pd.read_csv(series_path, index_col=0)
-        series.index = index
-        sessions_df = pd.read_csv(sessions_path, keep_default_na=False)
-        return SiteDataset(
-            root=root,
-            schema_path=root / "schema.json",
-            data_hash=digest,
-            site=site,
-            index=index,
-            series=series,
-            sessions=sessions_df,
-            sockets=ev_sessions.socket_ids(site.ev),
-            summary=json.loads(summary_path.read_text()),
-        )
+    if not force and _is_complete(root, digest):
+        log.info("Reusing site dataset %s from %s", site.name, root)
+        return _load(site, root, index, digest)
 
     log.info("Building site dataset %s in %s", site.name, root)
     series, weather = build_series(site, index)
     sessions = ev_sessions.generate_sessions(index, site.ev, seed=site.seed)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "chargers").mkdir(parents=True)
-    _pad(_building_frame(index, series, site.pv.dc_kwp)).to_csv(tmp / "building.csv", index=False)
-    _pad(_weather_frame(weather)).to_csv(tmp / "weather.csv", index=False)
-    pricing = pd.DataFrame(
-        _with_predictions(series["price_per_kwh"].to_numpy(), "electricity_pricing")
-    )
-    _pad(pricing).to_csv(tmp / "pricing.csv", index=False)
-    carbon = pd.DataFrame({"carbon_intensity": series["carbon_kg_per_kwh"].to_numpy()})
-    _pad(carbon).to_csv(tmp / "carbon_intensity.csv", index=False)
-    for sid, _ in sessions.sockets:
-        # One step more than the period, all "away": the padding row.
-        table = ev_sessions.charger_table(sessions.sessions, sid, len(index) + 1)
-        table.to_csv(tmp / "chargers" / f"{sid}.csv", index=False)
-    (tmp / "schema.json").write_text(json.dumps(_schema(site, len(index), sessions), indent=1))
-    series.to_csv(tmp / "series.csv")
-    sessions.sessions.to_csv(tmp / "sessions.csv", index=False)
-    summary = summarize(site, series, sessions) | {"data_hash": digest}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    # What a training run logs about its site: the summary and a one-page plot.
-    (tmp / "report").mkdir()
-    shutil.copy(tmp / "summary.json", tmp / "report" / "summary.json")
-    plots.site_page(series, sessions.sessions, summary, tmp / "report" / "site.png")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)  # atomic: a half-written dataset is never picked up from the cache
+    messages = validate_inputs(site, index, series, sessions)
+    summary = summarize(site, series, sessions) | {"data_hash": digest, "warnings": messages}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name: concurrent builds (a multirun sweep) never write into one folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", suffix=".tmp", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the dataset from other users
+    try:
+        _write(tmp, site, series, weather, sessions, summary)
+        _publish(tmp, root, digest, replace=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
     return SiteDataset(
         root=root,
         schema_path=root / "schema.json",

@@ -44,6 +44,7 @@ def compute(ts: pd.DataFrame, usable_capacity_kwh: float) -> dict[str, float]:
     imp = ts["grid_import_kwh"].to_numpy() / STEP_HOURS
     throughput = float(ts["bess_charge_kwh"].sum() + ts["bess_discharge_kwh"].sum())
     out = {
+        "hours": len(ts) * STEP_HOURS,
         "grid_import_kwh": float(ts["grid_import_kwh"].sum()),
         "co2_kg": float(ts["co2_kg"].sum()),
         "cost": float(ts["cost"].sum()),

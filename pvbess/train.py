@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
         env = instantiate(cfg.env)(dataset=site_data, reward=typed.reward)
         builder = instantiate(cfg.agent, _convert_="all")
+        start = time.perf_counter()
         model = builder(env=Monitor(env), seed=cfg.seed, device=device.resolve(cfg.device.name))
         if getattr(model, "learns", True) and cfg.total_timesteps > 0:
             model.set_logger(tracking.sb3_logger())
@@ -63,7 +65,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 progress_bar=True,
             )
             tracking.log_model(model)
+        # Setup and training (for a controller: its planning, e.g. the LP solve).
+        mlflow.log_metrics(
+            {
+                "time/train_seconds": time.perf_counter() - start,
+                "time/train_steps": float(getattr(model, "num_timesteps", 0)),
+            }
+        )
+        if hasattr(model, "metrics"):  # a controller's own figures (e.g. the LP's objective)
+            mlflow.log_metrics(model.metrics())
+        start = time.perf_counter()
         result = evaluation.evaluate(env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
+        mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
         log_evaluation(
             result, out_dir, title=f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
         )
