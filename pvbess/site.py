@@ -90,7 +90,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> dataset.SiteDataset:
     return data
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="site_cli")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
