@@ -336,6 +336,8 @@ class TrainConfig:
     checkpoint_every: int = 4380
     # SB3's log_interval: iterations (PPO, A2C) or episodes (SAC) between metric dumps.
     log_interval: int = 1
+    # A run directory or an MLflow run id: continue that run from its last checkpoint.
+    resume: str | None = None
     agent: dict[str, Any] = field(default_factory=dict)
     reward: RewardConfig = field(default_factory=RewardConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
@@ -358,7 +360,11 @@ class TrainConfig:
             "checkpoint_every",
             f"must be >= 1, got {self.checkpoint_every}",
         )
-        _require("_target_" in self.agent, "agent", "needs a _target_ (choose agent=ppo|sac|a2c)")
+        _require(
+            "_target_" in self.agent,
+            "agent",
+            "needs a _target_ (choose agent=ppo|sac|a2c|uncontrolled|rbc|optimal)",
+        )
 
 
 def project_root() -> str:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger
 
 import pvbess
@@ -103,10 +104,13 @@ def git_commit(root_dir: str | Path) -> str:
 
 
 @contextmanager
-def start_run(cfg: DictConfig, data_hash: str, agent_name: str) -> Iterator[mlflow.ActiveRun]:
+def start_run(
+    cfg: DictConfig, data_hash: str, agent_name: str, run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """A run named <agent>-<reward>-s<seed>, tagged so runs can be selected and compared.
 
-    A run that raises is marked FAILED with the error as a tag.
+    ``run_id`` continues an existing run (resume). A run that raises is marked
+    FAILED with the error as a tag; an interrupt (Ctrl-C, SIGTERM) marks it KILLED.
     """
     experiment = cfg.tracking.experiment or cfg.site.name
     configure(cfg.tracking.uri, cfg.paths.root_dir, experiment, cfg.tracking.artifact_location)
@@ -121,19 +125,57 @@ def start_run(cfg: DictConfig, data_hash: str, agent_name: str) -> Iterator[mlfl
         "pvbess_version": pvbess.__version__,
         "currency": cfg.site.tariff.currency,
         "env_backend": cfg.env.backend,
+        "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    kwargs = {"run_id": run_id} if run_id else {"run_name": name, "tags": tags}
+    with mlflow.start_run(**kwargs) as run:
         try:
             yield run
         except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            mlflow.end_run(status=status)
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            if not interrupted:
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(status="KILLED" if interrupted else "FAILED")
             raise
+
+
+class MetricBuffer:
+    """Training metrics held until the next checkpoint, then written in one batch.
+
+    After a crash the metrics logged since the last checkpoint are lost along
+    with the model state they describe, so a resumed run logs those steps once:
+    no duplicated and no missing steps.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[dict[str, float], int]] = []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            self._pending.append((metrics, int(step)))
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step)
+            for metrics, step in self._pending
+            for key, value in metrics.items()
+        ]
+        run = mlflow.active_run()
+        if batch and run is not None:
+            client = MlflowClient()
+            for i in range(0, len(batch), 1000):  # MLflow's batch limit
+                client.log_batch(run.info.run_id, metrics=batch[i : i + 1000], synchronous=True)
+        self._pending.clear()
 
 
 class MLflowOutputFormat(KVWriter):
     """SB3 logger output that writes numeric values as MLflow metrics (SB3 docs' recipe)."""
+
+    def __init__(self, buffer: MetricBuffer) -> None:
+        self.buffer = buffer
 
     def write(
         self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0
@@ -147,53 +189,39 @@ class MLflowOutputFormat(KVWriter):
                 value, bool
             ):
                 metrics[key] = float(value)
-        if metrics:
-            mlflow.log_metrics(metrics, step=step)
+        self.buffer.add(metrics, step)
 
     def close(self) -> None:
         pass
 
 
-def sb3_logger(verbose: bool = False) -> Logger:
-    formats: list[KVWriter] = [MLflowOutputFormat()]
+def sb3_logger(buffer: MetricBuffer, verbose: bool = False) -> Logger:
+    formats: list[KVWriter] = [MLflowOutputFormat(buffer)]
     if verbose:
-        formats.append(HumanOutputFormat(os.sys.stdout))  # type: ignore[attr-defined]
+        formats.append(HumanOutputFormat(sys.stdout))
     return Logger(folder=None, output_formats=formats)
-
-
-class MLflowCheckpointCallback(CheckpointCallback):
-    """SB3's CheckpointCallback, plus: each checkpoint is logged as an artifact when written."""
-
-    def _on_step(self) -> bool:
-        result = super()._on_step()
-        if self.n_calls % self.save_freq == 0:
-            for path in Path(self.save_path).glob(f"*_{self.num_timesteps}_steps.*"):
-                mlflow.log_artifact(str(path), artifact_path="checkpoints")
-        return result
 
 
 class EpisodeMetricsCallback(BaseCallback):
     """Logs each finished episode's return and reward components (summed over the episode)."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffer: MetricBuffer) -> None:
         super().__init__()
-        self.episodes = 0
+        self.buffer = buffer
 
     def _on_step(self) -> bool:
-        for info, done in zip(
-            self.locals.get("infos", []), self.locals.get("dones", []), strict=False
-        ):
+        infos = self.locals.get("infos", [])
+        dones = self.locals.get("dones", [])
+        for info, done in zip(infos, dones, strict=False):
             if not done:
                 continue
-            self.episodes += 1
             metrics = {}
             if "episode" in info:
                 metrics["episode/return"] = float(info["episode"]["r"])
                 metrics["episode/length"] = float(info["episode"]["l"])
             for k, v in info.get("episode_components", {}).items():
                 metrics[f"episode/reward_{k}"] = float(v)
-            if metrics:
-                mlflow.log_metrics(metrics, step=self.num_timesteps)
+            self.buffer.add(metrics, self.num_timesteps)
         return True
 
 

@@ -32,7 +32,7 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
 
 
 def test_groups_are_complete() -> None:
-    assert {"ppo", "sac", "a2c"} <= set(GROUPS["agent"])
+    assert {"ppo", "sac", "a2c", "uncontrolled", "rbc", "optimal"} <= set(GROUPS["agent"])
     assert {"balanced", "co2_heavy", "cost_heavy", "solar_heavy", "ev_first"} <= set(
         GROUPS["reward"]
     )
