@@ -181,7 +181,8 @@ def _timeseries(client: MlflowClient, run_id: str) -> pd.DataFrame:
         run_id=run_id, artifact_path="eval_timeseries.csv", tracking_uri=mlflow.get_tracking_uri()
     )
     ts = pd.read_csv(path, index_col=0)
-    ts.index = pd.to_datetime(ts.index, utc=True)
+    # Keep the site's own UTC offset: the typical day is in local time.
+    ts.index = pd.DatetimeIndex([pd.Timestamp(t) for t in ts.index])
     return ts
 
 
@@ -228,7 +229,7 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     ]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.8), sharex=True)
     for name, ts in series.items():
-        day = ts.groupby(ts.index.tz_convert("America/Lima").hour).mean()
+        day = ts.groupby(ts.index.hour).mean()
         for ax, (col, title) in zip(axes, cols, strict=True):
             ax.plot(day.index, day[col], label=name)
             ax.set(title=title, xlabel="hour")
