@@ -42,6 +42,15 @@ compare-all: install ## The whole study for SITE: 3 baselines, PPO/SAC/A2C at BU
 	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=ppo,sac,a2c total_timesteps=$(BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE)
 
+sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make sweep ARGS="agent=ppo,sac,a2c seed=0,1,2 site=tiny"
+	$(BIN)/python -m pvbess.train --multirun $(ARGS)
+
+tune: install ## Optuna search, best preset to conf/agent/: make tune ARGS="hparams_search=ppo_optuna site=tiny"
+	$(BIN)/python -m pvbess.tune $(ARGS)
+
+install-ray: install ## Add the Ray launcher (hydra/launcher=ray; downgrades cloudpickle to 2.2.1)
+	$(BIN)/pip install -q -e '.[dev,ray]'
+
 test: install ## Run the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q
 
@@ -63,4 +72,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all test test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray test test-all lint bench ui clean

@@ -295,9 +295,15 @@ class RewardConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda
+    # torch threads on the CPU; 0 = torch's default (one per core).
+    torch_threads: int = 1
 
     def check(self) -> None:
         _require(self.name in ("auto", "cpu", "cuda"), "device.name", "must be auto, cpu or cuda")
+
+
+# citylearn: the reference simulator; twin: pvbess.twin, a numpy twin of the same physics.
+BACKENDS = ("citylearn", "twin")
 
 
 @dataclass
@@ -306,9 +312,22 @@ class EnvConfig:
     _partial_: bool = True
     backend: str = "citylearn"
     safety_layer: bool = True
+    # Env copies stepped at once in one numpy call for training (pvbess.twin.TwinVecEnv);
+    # > 1 needs backend twin.
+    n_envs: int = 1
 
     def check(self) -> None:
-        _require(self.backend in ("citylearn",), "env.backend", f"unknown backend {self.backend!r}")
+        _require(
+            self.backend in BACKENDS,
+            "env.backend",
+            f"unknown backend {self.backend!r} (choose {' or '.join(BACKENDS)})",
+        )
+        _require(self.n_envs >= 1, "env.n_envs", f"must be >= 1, got {self.n_envs}")
+        _require(
+            self.n_envs == 1 or self.backend == "twin",
+            "env.n_envs",
+            f"{self.n_envs} copies need env.backend=twin (got {self.backend!r})",
+        )
 
 
 @dataclass

@@ -6,21 +6,24 @@ Observation: CityLearn's active observations, scaled to [0, 1] by its own
 observation-space bounds. Reward: ``pvbess.reward`` from the step's physical
 quantities, which are also recorded as the hourly timeseries (``history``).
 
-The simulator sits behind ``CityLearnBackend``; a faster backend can join
-behind the same small interface.
+The simulator sits behind a small backend interface: ``CityLearnBackend`` (the
+reference) or ``pvbess.twin.TwinBackend`` (a numpy twin of the same physics,
+``env.backend=twin``). The safety layer, the per-step flows and the reward are
+module functions here, vectorised, so that the twin's VecEnv
+(``pvbess.twin.TwinVecEnv``) applies the very same code to many envs at once.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
 import pandas as pd
 
 from pvbess import reward as rw
-from pvbess.config import RewardConfig
+from pvbess.config import BACKENDS, RewardConfig, SiteConfig
 from pvbess.dataset import BUILDING, SiteDataset
 
 os.environ.setdefault("CITYLEARN_OFFLINE", "1")
@@ -50,6 +53,152 @@ RECORD_FIELDS = (
 )
 
 
+# Below this fraction of capacity a departing EV's gap is float32 rounding of CityLearn's SOC.
+SOC_ROUNDING_FRAC = 1e-4
+# A per-step quantity of one env (a float) or of a batch of env copies (an array).
+Quantity = float | np.floating | np.ndarray
+
+
+class Backend(Protocol):
+    """What SiteEnv (and the controllers) use of a simulator.
+
+    Session tables are [socket, step] arrays over the episode: ``state`` (1 plugged
+    in, 2 arriving next step, 3 away), ``departure_steps`` (steps left while plugged
+    in), ``required_soc``. Observations are raw (unscaled) in ``observation_names``
+    order; ``obs_low`` and ``obs_span`` scale them to [0, 1].
+    """
+
+    n_steps: int
+    observation_names: list[str]
+    obs_low: np.ndarray
+    obs_span: np.ndarray
+    state: np.ndarray
+    departure_steps: np.ndarray
+    required_soc: np.ndarray
+    chargers: list[Any]  # each with charger_id and electricity_consumption [kWh per step]
+
+    def reset(self, seed: int | None = None) -> np.ndarray: ...
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, dict[str, float], bool]: ...
+
+    def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def ev_soc_and_capacity_after_step(
+        self, t: int, sockets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def clip_action(
+    action: np.ndarray, low: np.ndarray, high: np.ndarray, n_envs: int | None = None
+) -> np.ndarray:
+    """The action as float64 inside the action space: flat, or [n_envs, n_actions]."""
+    a = np.asarray(action, dtype=np.float64)
+    return np.clip(a.reshape(-1) if n_envs is None else a.reshape(n_envs, -1), low, high)
+
+
+def action_space(n_sockets: int) -> gym.spaces.Box:
+    """``[battery, socket_1 .. socket_n]``: battery in [-1, 1] (+ charges), sockets in [0, 1]."""
+    low = np.concatenate([[-1.0], np.zeros(n_sockets)]).astype(np.float32)
+    return gym.spaces.Box(low=low, high=np.ones(n_sockets + 1, dtype=np.float32))
+
+
+def observation_space(n_obs: int) -> gym.spaces.Box:
+    """Observations scaled to [0, 1]."""
+    return gym.spaces.Box(0.0, 1.0, shape=(n_obs,), dtype=np.float32)
+
+
+def observation_scaling(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offset and span [float64] that map the simulator's observation bounds to [0, 1]."""
+    obs_low = np.asarray(low, dtype=np.float64)
+    return obs_low, np.maximum(np.asarray(high, dtype=np.float64) - obs_low, 1e-9)
+
+
+def normalize_observation(raw: np.ndarray, obs_low: np.ndarray, obs_span: np.ndarray) -> np.ndarray:
+    """Raw observations scaled to [0, 1] by the simulator's observation-space bounds."""
+    return np.clip((raw - obs_low) / obs_span, 0.0, 1.0).astype(np.float32)
+
+
+def safety_actions(
+    ev_action: np.ndarray,
+    soc: np.ndarray,
+    capacity_kwh: np.ndarray,
+    required_soc: np.ndarray,
+    departure_steps: np.ndarray,
+    step_kwh: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raise plugged sockets' actions so each EV can still reach its required SOC.
+
+    All arrays are per plugged socket (last axis; a leading env axis broadcasts).
+    A vehicle with L steps left needing E kWh in its battery can receive at most
+    (L-1) full steps after this one; the rest must be delivered now. ``step_kwh``
+    is one full step's battery-side energy. Returns the new actions in [0, 1] and
+    the battery-side energy forced [kWh].
+    """
+    need_kwh = np.maximum(required_soc - soc, 0.0) * capacity_kwh
+    later_kwh = np.maximum(departure_steps - 1, 0) * step_kwh
+    must_now = np.clip((need_kwh - later_kwh) / step_kwh, 0.0, 1.0)
+    # Tiny upward margin: CityLearn stores SOC in float32.
+    must_now = np.where(must_now > 0, np.minimum(must_now * (1 + 1e-5) + 1e-7, 1.0), 0.0)
+    new = np.maximum(ev_action, must_now)
+    return new, (new - ev_action) * step_kwh
+
+
+def step_flows(
+    *,
+    load_kwh: Quantity,
+    pv_kwh: Quantity,
+    ev_charging_kwh: Quantity,
+    net_kwh: Quantity,
+    carbon_kg_per_kwh: float,
+    price_per_kwh: float,
+) -> dict[str, Quantity]:
+    """Grid import, curtailment, PV use, CO2 and cost of a step from its balance (vectorised)."""
+    grid_import = np.maximum(net_kwh, 0.0)
+    curtailed = np.maximum(-net_kwh, 0.0)  # island grid: export earns nothing, it is curtailment
+    return {
+        "grid_import_kwh": grid_import,
+        "pv_curtailed_kwh": curtailed,
+        "pv_used_kwh": pv_kwh - curtailed,
+        "solar_direct_kwh": np.minimum(pv_kwh, load_kwh + ev_charging_kwh),
+        "co2_kg": grid_import * carbon_kg_per_kwh,
+        "cost": grid_import * price_per_kwh,
+    }
+
+
+def departure_gap_kwh(
+    required_soc: np.ndarray, soc_after: np.ndarray, capacity_kwh: np.ndarray
+) -> np.ndarray:
+    """Battery-side energy each departing EV still misses for its required SOC [kWh]."""
+    gap = np.maximum(required_soc - soc_after, 0.0) * capacity_kwh
+    # Below SOC_ROUNDING_FRAC of capacity it is float32 rounding in the SOC, not a shortfall.
+    return np.where(gap > SOC_ROUNDING_FRAC * capacity_kwh, gap, 0.0)
+
+
+def socket_step_kwh(site: SiteConfig) -> float:
+    """Battery-side energy one socket delivers in a full hourly step [kWh]."""
+    return site.ev.socket_power_kw * 1.0 * site.ev.charger_efficiency_frac
+
+
+def reward_scales(dataset: SiteDataset, reward: RewardConfig) -> rw.RewardScales:
+    """The reward's per-step normalisation for this site."""
+    return rw.RewardScales.from_site(
+        dataset.site,
+        load_peak_kw=float(dataset.series["load_kwh"].max()),
+        peak_threshold_frac=reward.peak_threshold_frac,
+    )
+
+
+def make_backend(name: str, dataset: SiteDataset, seed: int | None) -> Backend:
+    """The simulator behind the env: ``citylearn`` (reference) or ``twin`` (numpy)."""
+    if name == "citylearn":
+        return CityLearnBackend(dataset, seed=seed)
+    if name == "twin":
+        from pvbess.twin import TwinBackend  # the twin imports this module
+
+        return TwinBackend(dataset, seed=seed)
+    raise ValueError(f"env.backend={name!r}: choose one of {', '.join(BACKENDS)}")
+
+
 class CityLearnBackend:
     """CityLearn 3 with a central agent, loaded from a local schema."""
 
@@ -73,8 +222,7 @@ class CityLearnBackend:
         self.chargers = [by_id[sid] for sid, _ in dataset.sockets]
         self.n_steps = self.env.time_steps - 1
         space = self.env.observation_space[0]
-        self.obs_low = np.asarray(space.low, dtype=np.float64)
-        self.obs_span = np.maximum(np.asarray(space.high, dtype=np.float64) - self.obs_low, 1e-9)
+        self.obs_low, self.obs_span = observation_scaling(space.low, space.high)
         self.observation_names = list(self.env.observation_names[0])
         sims = [c.charger_simulation for c in self.chargers]
         # Session tables as [socket, step] arrays, read once: the safety layer needs them each step.
@@ -151,27 +299,29 @@ class SiteEnv(gym.Env):
         backend: str = "citylearn",
         safety_layer: bool = True,
         seed: int | None = None,
+        n_envs: int = 1,
     ) -> None:
+        """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
+        at once (``pvbess.twin.TwinVecEnv``); this env is always one."""
         super().__init__()
-        if backend != "citylearn":
-            raise ValueError(f"env.backend={backend!r}: only 'citylearn' is available")
+        if n_envs > 1 and backend != "twin":
+            raise ValueError(f"env.n_envs={n_envs} needs env.backend=twin (got {backend!r})")
         self.dataset = dataset
         self.site = dataset.site
-        self.backend = CityLearnBackend(dataset, seed=dataset.site.seed if seed is None else seed)
-        self.weights = reward.weights
-        self.safety_layer = safety_layer
-        self.scales = rw.RewardScales.from_site(
-            self.site,
-            load_peak_kw=float(dataset.series["load_kwh"].max()),
-            peak_threshold_frac=reward.peak_threshold_frac,
+        self.backend_name = backend
+        self.n_envs = n_envs
+        self.backend: Backend = make_backend(
+            backend, dataset, dataset.site.seed if seed is None else seed
         )
+        self.weights = reward.weights
+        self.reward_config = reward
+        self.safety_layer = safety_layer
+        self.scales = reward_scales(dataset, reward)
         n = dataset.n_sockets
         self.n_sockets = n
         self.n_steps = self.backend.n_steps
-        low = np.concatenate([[-1.0], np.zeros(n)]).astype(np.float32)
-        self.action_space = gym.spaces.Box(low=low, high=np.ones(n + 1, dtype=np.float32))
-        n_obs = len(self.backend.observation_names)
-        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(n_obs,), dtype=np.float32)
+        self.action_space = action_space(n)
+        self.observation_space = observation_space(len(self.backend.observation_names))
         self.socket_energy_kwh = self.site.ev.socket_power_kw * 1.0  # per hourly step
         self.charger_eff = self.site.ev.charger_efficiency_frac
         price = dataset.series["price_per_kwh"].to_numpy()
@@ -183,8 +333,7 @@ class SiteEnv(gym.Env):
 
     # -- observation -------------------------------------------------------------------------
     def _observe(self, raw: np.ndarray) -> np.ndarray:
-        b = self.backend
-        return np.clip((raw - b.obs_low) / b.obs_span, 0.0, 1.0).astype(np.float32)
+        return normalize_observation(raw, self.backend.obs_low, self.backend.obs_span)
 
     # -- equal service ---------------------------------------------------------------------
     def apply_safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,14 +350,14 @@ class SiteEnv(gym.Env):
         if plugged.size == 0:
             return new, forced
         soc, cap = b.ev_soc_and_capacity(plugged)
-        need_kwh = np.maximum(b.required_soc[plugged, t] - soc, 0.0) * cap
-        step_kwh = self.socket_energy_kwh * self.charger_eff
-        later_kwh = np.maximum(b.departure_steps[plugged, t] - 1, 0) * step_kwh
-        must_now = np.clip((need_kwh - later_kwh) / step_kwh, 0.0, 1.0)
-        # Tiny upward margin: CityLearn stores SOC in float32.
-        must_now = np.where(must_now > 0, np.minimum(must_now * (1 + 1e-5) + 1e-7, 1.0), 0.0)
-        new[plugged] = np.maximum(ev_action[plugged], must_now)
-        forced[plugged] = (new[plugged] - ev_action[plugged]) * step_kwh
+        new[plugged], forced[plugged] = safety_actions(
+            ev_action[plugged],
+            soc,
+            cap,
+            b.required_soc[plugged, t],
+            b.departure_steps[plugged, t],
+            socket_step_kwh(self.site),
+        )
         return new, forced
 
     # -- gym API -------------------------------------------------------------------------
@@ -223,11 +372,7 @@ class SiteEnv(gym.Env):
 
     def step(self, action: np.ndarray):
         t = self._t
-        a = np.clip(
-            np.asarray(action, dtype=np.float64).reshape(-1),
-            self.action_space.low,
-            self.action_space.high,
-        )
+        a = clip_action(action, self.action_space.low, self.action_space.high)
         ev_action = a[1:]
         forced = np.zeros(self.n_sockets)
         if self.safety_layer and self.n_sockets:
@@ -262,15 +407,16 @@ class SiteEnv(gym.Env):
         h = self._history
         for k, v in q.items():
             h[k][t] = v
-        net = q["net_kwh"]
-        grid_import = max(net, 0.0)
-        curtailed = max(-net, 0.0)  # island grid: export earns nothing, it is curtailment
-        h["grid_import_kwh"][t] = grid_import
-        h["pv_curtailed_kwh"][t] = curtailed
-        h["pv_used_kwh"][t] = q["pv_kwh"] - curtailed
-        h["solar_direct_kwh"][t] = min(q["pv_kwh"], q["load_kwh"] + q["ev_charging_kwh"])
-        h["co2_kg"][t] = grid_import * self._carbon[t]
-        h["cost"][t] = grid_import * self._price[t]
+        flows = step_flows(
+            load_kwh=q["load_kwh"],
+            pv_kwh=q["pv_kwh"],
+            ev_charging_kwh=q["ev_charging_kwh"],
+            net_kwh=q["net_kwh"],
+            carbon_kg_per_kwh=self._carbon[t],
+            price_per_kwh=self._price[t],
+        )
+        for k, v in flows.items():
+            h[k][t] = v
         h["action_bess"][t] = a[0]
         h["action_ev_mean"][t] = float(ev_action.mean()) if ev_action.size else 0.0
         h["ev_forced_kwh"][t] = float(forced.sum())
@@ -280,9 +426,7 @@ class SiteEnv(gym.Env):
         if departing.any():
             idx = np.flatnonzero(departing)
             soc_after, caps = b.ev_soc_and_capacity_after_step(t, idx)
-            gap = np.maximum(b.required_soc[idx, t] - soc_after, 0.0) * caps
-            # Below 1e-4 of capacity is float32 rounding in CityLearn's SOC, not a shortfall.
-            gap = np.where(gap > 1e-4 * caps, gap, 0.0)
+            gap = departure_gap_kwh(b.required_soc[idx, t], soc_after, caps)
             unmet = float(gap.sum())
             h["ev_departures"][t] = idx.size
             h["ev_departures_met"][t] = int((gap == 0).sum())
@@ -305,8 +449,63 @@ class SiteEnv(gym.Env):
 
     @property
     def citylearn(self):
-        """The wrapped CityLearnEnv (for its own evaluate())."""
+        """The wrapped CityLearnEnv (for its own evaluate()); only with env.backend=citylearn."""
+        if not isinstance(self.backend, CityLearnBackend):
+            raise AttributeError(
+                f"env.backend={self.backend_name!r} has no CityLearnEnv: evaluate with "
+                "env.backend=citylearn for CityLearn's own KPIs"
+            )
         return self.backend.env
 
 
-__all__ = ["BUILDING", "CityLearnBackend", "SiteEnv"]
+__all__ = [
+    "BUILDING",
+    "Backend",
+    "CityLearnBackend",
+    "SiteEnv",
+    "action_space",
+    "clip_action",
+    "departure_gap_kwh",
+    "make_backend",
+    "normalize_observation",
+    "observation_scaling",
+    "observation_space",
+    "reward_scales",
+    "safety_actions",
+    "socket_step_kwh",
+    "step_flows",
+]
+
+
+def agent_envs(
+    site_env: SiteEnv, reward: RewardConfig, learns: bool, seed: int
+) -> tuple[Any, SiteEnv]:
+    """(the env an agent is built and trained on, the env it is evaluated on).
+
+    Every reported figure comes from CityLearn: with ``env.backend=twin`` a learning
+    agent trains on the twin (``n_envs`` > 1: the twin's VecEnv of that many copies)
+    and is evaluated on CityLearn. A controller (``learns`` false) reads the env it
+    was built on at every step, so it is built on the evaluation env.
+    """
+    from stable_baselines3.common.monitor import Monitor
+
+    eval_env = site_env
+    if site_env.backend_name != "citylearn":
+        eval_env = SiteEnv(
+            site_env.dataset, reward, backend="citylearn", safety_layer=site_env.safety_layer
+        )
+    if not learns:
+        return Monitor(eval_env), eval_env
+    if site_env.n_envs > 1:
+        from pvbess.twin import TwinVecEnv
+
+        vec = TwinVecEnv(
+            site_env.dataset,
+            reward,
+            n_envs=site_env.n_envs,
+            safety_layer=site_env.safety_layer,
+            seed=seed,
+            data=site_env.backend.data,  # the site's files, read once
+        )
+        return vec, eval_env
+    return Monitor(site_env), eval_env

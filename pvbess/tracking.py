@@ -2,6 +2,8 @@
 
 Every run directory and multirun job writes to one store, resolved to an
 absolute path under the project root (MLflow 3.13+ refuses a bare ./mlruns).
+The store is checked before a run starts: an unreachable server or an
+unwritable folder raises :class:`TrackingError` within seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.callbacks import BaseCallback
@@ -29,12 +33,26 @@ import pvbess
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_CALL = 100
+# A tracking server that does not answer its health check within this time is
+# reported at once; MLflow's own client would retry for minutes (7 retries,
+# exponential backoff) before giving up.
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the URI or folder and why."""
 
 
 def store_uri(root_dir: str | Path) -> str:
     """The project's store: sqlite under <root>/mlruns [absolute]."""
     path = Path(root_dir).resolve() / "mlruns"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow store folder {path} cannot be created ({_reason(exc)}); make it a writable "
+            "folder, set PVBESS_ROOT to another project root, or set tracking.uri"
+        ) from exc
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
@@ -42,24 +60,90 @@ def artifact_root(root_dir: str | Path) -> str:
     return (Path(root_dir).resolve() / "mlruns" / "artifacts").as_uri()
 
 
+def _reason(exc: BaseException) -> str:
+    """The innermost OS-level reason ('Connection refused') in an exception chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    reason = str(exc) or type(exc).__name__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            reason = current.strerror
+        if isinstance(current, requests.Timeout):
+            return f"no answer within {SERVER_PROBE_TIMEOUT_S:g} s"
+        # requests and urllib3 wrap the socket error in args instead of chaining it.
+        nested = next((a for a in current.args if isinstance(a, BaseException)), None)
+        current = current.__cause__ or current.__context__ or nested
+    return reason
+
+
+def check_server(uri: str) -> None:
+    """Fail fast when an http(s) tracking server does not answer at all.
+
+    Any HTTP answer (even 401 or 404 behind a proxy) counts as reachable; only a
+    refused connection, an unknown host or a timeout is an error.
+    """
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise TrackingError(
+            f"tracking.uri={uri}: cannot reach the MLflow tracking server ({_reason(exc)}). "
+            "Start the server, fix tracking.uri, or leave it unset to use the project's "
+            "store under mlruns/"
+        ) from exc
+
+
+def _check_artifact_folder(location: str | None) -> None:
+    """A local artifact folder must be writable before a run starts, not at its first file."""
+    if not location or not location.startswith(("file:", "/")):
+        return  # remote artifact stores answer for themselves
+    folder = Path(location.removeprefix("file://").removeprefix("file:"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow artifact folder {folder} is not writable ({_reason(exc)}); make it a "
+            "writable folder or set tracking.artifact_location"
+        ) from exc
+
+
 def configure(
     uri: str | None, root_dir: str | Path, experiment: str, artifact_location: str | None = None
 ) -> str:
-    """Point MLflow at the store and select (or create) the experiment; return its id."""
+    """Point MLflow at the store and select (or create) the experiment; return its id.
+
+    Raises TrackingError when the store cannot be reached or written.
+    """
     tracking_uri = uri or store_uri(root_dir)
+    if tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     if artifact_location is None and tracking_uri.startswith("sqlite:"):
         artifact_location = artifact_root(root_dir)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        exp_id = found.experiment_id
-    else:
-        location = None
-        if artifact_location is not None:
-            location = f"{artifact_location.rstrip('/')}/{experiment}"
-        exp_id = client.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment_id=exp_id)
+    try:
+        client = MlflowClient()
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            exp_id = found.experiment_id
+        else:
+            location = None
+            if artifact_location is not None:
+                location = f"{artifact_location.rstrip('/')}/{experiment}"
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # created meanwhile by a parallel job
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                exp_id = found.experiment_id
+        _check_artifact_folder(client.get_experiment(exp_id).artifact_location)
+        mlflow.set_experiment(experiment_id=exp_id)
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(
+            f"MLflow store {tracking_uri}: cannot open experiment {experiment!r} ({_reason(exc)})"
+        ) from exc
     return exp_id
 
 
@@ -89,6 +173,7 @@ def log_config(cfg: DictConfig) -> None:
 
 
 def git_commit(root_dir: str | Path) -> str:
+    """The commit checked out in ``root_dir``, or 'unknown' (not a git checkout)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -110,25 +195,34 @@ def start_run(
     """A run named <agent>-<reward>-s<seed>, tagged so runs can be selected and compared.
 
     ``run_id`` continues an existing run (resume). A run that raises is marked
-    FAILED with the error as a tag; an interrupt (Ctrl-C, SIGTERM) marks it KILLED.
+    FAILED with the error as a tag; an interrupt (Ctrl-C, SIGTERM) marks it KILLED
+    and logs how to resume it.
     """
-    experiment = cfg.tracking.experiment or cfg.site.name
-    configure(cfg.tracking.uri, cfg.paths.root_dir, experiment, cfg.tracking.artifact_location)
+    configure_for(cfg)
     name = cfg.tracking.run_name or f"{agent_name}-{cfg.reward.name}-s{cfg.seed}"
     tags = {
         "agent": agent_name,
         "reward": cfg.reward.name,
         "site": cfg.site.name,
         "seed": str(cfg.seed),
-        "git_commit": git_commit(cfg.paths.root_dir),
+        # The code's commit, wherever the outputs go ($PVBESS_ROOT may be elsewhere).
+        "git_commit": git_commit(Path(pvbess.__file__).resolve().parent),
         "site_data_hash": data_hash,
         "pvbess_version": pvbess.__version__,
         "currency": cfg.site.tariff.currency,
+        # Where the agent trained (and in how many copies); evaluation is always CityLearn.
         "env_backend": cfg.env.backend,
+        "env_n_envs": str(cfg.env.get("n_envs", 1)),
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
+    from pvbess import sweep  # imports this module: imported here, not at the top
+
+    tags |= sweep.parent_tags()  # a child of the sweep or search that started this job
     kwargs = {"run_id": run_id} if run_id else {"run_name": name, "tags": tags}
     with mlflow.start_run(**kwargs) as run:
+        if run_id and "error" in run.data.tags:
+            # A previous attempt's error no longer describes this run.
+            MlflowClient().delete_tag(run_id, "error")
         try:
             yield run
         except BaseException as exc:
@@ -136,22 +230,52 @@ def start_run(
             if not interrupted:
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+            if interrupted:
+                log.warning(
+                    "MLflow run %s marked KILLED. Resume it with:\n"
+                    "  python -m pvbess.train resume=%s",
+                    run.info.run_id,
+                    Path(cfg.paths.output_dir).resolve(),
+                )
             raise
+
+
+def configure_for(cfg: DictConfig) -> str:
+    """``configure`` with a composed config's tracking settings; return the experiment id."""
+    experiment = cfg.tracking.experiment or cfg.site.name
+    return configure(
+        cfg.tracking.uri, cfg.paths.root_dir, experiment, cfg.tracking.artifact_location
+    )
+
+
+def last_logged_step(run_id: str) -> int:
+    """The highest step of any metric already in the run (-1 if none)."""
+    client = MlflowClient()
+    steps = [
+        m.step
+        for key in client.get_run(run_id).data.metrics
+        for m in client.get_metric_history(run_id, key)
+    ]
+    return max(steps, default=-1)
 
 
 class MetricBuffer:
     """Training metrics held until the next checkpoint, then written in one batch.
 
-    After a crash the metrics logged since the last checkpoint are lost along
-    with the model state they describe, so a resumed run logs those steps once:
-    no duplicated and no missing steps.
+    A checkpoint flushes the buffer before its file appears, so every metric up
+    to a checkpoint's step is in MLflow once that checkpoint exists. A kill
+    between the flush and the rename leaves metrics a little past the checkpoint
+    the run resumes from; ``after_step`` (the run's last logged step) drops the
+    resumed run's metrics for those steps. So each metric's history has every
+    step once, in increasing order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_step: int = -1) -> None:
         self._pending: list[tuple[dict[str, float], int]] = []
+        self.after_step = after_step
 
     def add(self, metrics: dict[str, float], step: int) -> None:
-        if metrics:
+        if metrics and step > self.after_step:
             self._pending.append((metrics, int(step)))
 
     def flush(self) -> None:

@@ -2,28 +2,47 @@
 
 Only composes: site dataset -> env -> agent -> callbacks -> learn -> evaluate -> log.
 ``resume=<run dir | run id>`` continues an interrupted run from its last checkpoint.
+
+The heavy modules (torch, CityLearn, MLflow, SB3: about 4 s to import) are
+imported inside the functions, so that a bad override or value fails in a
+fraction of a second.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import mlflow
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.monitor import Monitor
 
-from pvbess import checkpoints, config, dataset, device, evaluation, plots, tracking
+from pvbess import config
+
+if TYPE_CHECKING:
+    from pvbess.checkpoints import Checkpoint
+    from pvbess.dataset import SiteDataset
+    from pvbess.evaluation import EvalResult
 
 log = logging.getLogger(__name__)
 
 config.register()
+
+EXIT_ERROR = 1
+# Errors whose message tells the user what to fix (a value, a file, a checkpoint,
+# the store), printed as one paragraph instead of a traceback: (module, class).
+USER_ERRORS = (
+    ("pvbess.config", "ConfigError"),
+    ("pvbess.timeseries_io", "DataError"),
+    ("pvbess.checkpoints", "CheckpointError"),
+    ("pvbess.tracking", "TrackingError"),
+    ("mlflow.exceptions", "MlflowException"),
+)
 
 
 def agent_name(cfg: DictConfig) -> str:
@@ -35,97 +54,179 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run (or resume) one experiment; return the evaluation KPIs."""
     run_id = None
     if cfg.get("resume"):
+        from pvbess import checkpoints
+
         target = checkpoints.resume_target(str(cfg.resume), cfg)
         if target.finished_kpis is not None:
-            log.info("run %s already finished: nothing to resume", target.run_id)
+            log.info("run %s is FINISHED: nothing to resume", target.run_id)
             return target.finished_kpis
+        ignored = _ignored_overrides()
+        if ignored:
+            log.warning("resuming keeps the run's own config; ignored: %s", " ".join(ignored))
+        log.info("resuming run %s (status %s)", target.run_id, target.status)
         cfg, run_id = target.cfg, target.run_id
+    # Checks in order of cost, each before the next import: config values (Hydra,
+    # then validate), the site data (pandas, pvlib), then the MLflow store
+    # (MLflow, torch): a bad value or file fails in a second or two, and no store
+    # or experiment is created for a run that cannot start.
     typed = config.validate(cfg)
+    from pvbess import dataset
+
     site_data = dataset.build(typed.site, cfg.paths.data_dir)
+    from pvbess import checkpoints, tracking
+
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        checkpoints.sigterm_as_interrupt(),
+        checkpoints.run_lock(out_dir),
+        tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
+    ):
+        return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
+
+
+def run_experiment(
+    cfg: DictConfig,
+    typed: config.TrainConfig,
+    site_data: SiteDataset,
+    run_id: str,
+    resuming: bool,
+) -> dict[str, float]:
+    """Inside the MLflow run: build env and agent, train, evaluate, log."""
+    import mlflow
+    from hydra.utils import get_class, instantiate
+
+    from pvbess import checkpoints, evaluation, tracking
+    from pvbess.env import agent_envs
+
     name = agent_name(cfg)
-    with tracking.start_run(cfg, site_data.data_hash, name, run_id=run_id) as run:
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, name, mlflow.get_tracking_uri())
-        if run_id is None:
-            checkpoints.write_run_files(out_dir, run.info.run_id, cfg)
-            tracking.log_config(cfg)
-            mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
-        env = instantiate(cfg.env)(dataset=site_data, reward=typed.reward)
-        start = time.perf_counter()
-        model = build_agent(cfg, env, name, out_dir, resuming=run_id is not None)
-        if getattr(model, "learns", True) and cfg.total_timesteps > 0:
-            learn(cfg, model, name, out_dir, run.info.run_id)
-            tracking.log_model(model)
-        # Setup and training (for a controller: its planning, e.g. the LP solve).
-        mlflow.log_metrics(
-            {
-                "time/train_seconds": time.perf_counter() - start,
-                "time/train_steps": float(getattr(model, "num_timesteps", 0)),
-            }
-        )
-        start = time.perf_counter()
-        result = evaluation.evaluate(env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
-        mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
-        if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps
-            mlflow.log_metrics(model.metrics(result.timeseries))
-        title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
-        log_evaluation(result, out_dir, title=title)
-        return result.kpis
+    out_dir = Path(cfg.paths.output_dir)
+    log.info("MLflow run %s (%s) in %s", run_id, name, mlflow.get_tracking_uri())
+    if not resuming:
+        checkpoints.write_run_files(out_dir, run_id, cfg)
+        tracking.log_config(cfg)
+        mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
+    env = instantiate(cfg.env)(dataset=site_data, reward=typed.reward)
+    learns = getattr(get_class(cfg.agent["_target_"]), "learns", True)
+    train_env, eval_env = agent_envs(env, typed.reward, learns=learns, seed=cfg.seed)
+    start = time.perf_counter()
+    model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
+    if getattr(model, "learns", True) and cfg.total_timesteps > 0:
+        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming)
+        tracking.log_model(model)
+    # Setup and training (for a controller: its planning, e.g. the LP solve).
+    mlflow.log_metrics(
+        {
+            "time/train_seconds": time.perf_counter() - start,
+            "time/train_steps": float(getattr(model, "num_timesteps", 0)),
+        }
+    )
+    start = time.perf_counter()
+    result = evaluation.evaluate(eval_env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
+    mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
+    if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps
+        mlflow.log_metrics(model.metrics(result.timeseries))
+    title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
+    log_evaluation(result, out_dir, title=title)
+    return result.kpis
 
 
-def build_agent(cfg: DictConfig, env: Any, name: str, out_dir: Path, resuming: bool) -> Any:
-    """A new agent from its ``_target_`` partial, or the last checkpoint when resuming."""
-    dev = device.resolve(cfg.device.name)
+def build_agent(
+    cfg: DictConfig, env: Any, name: str, out_dir: Path, resuming: bool
+) -> tuple[Any, Checkpoint | None]:
+    """A new agent from its ``_target_`` partial, or the last checkpoint when resuming.
+
+    ``env`` is the training env, already wrapped (``pvbess.env.agent_envs``).
+    """
+    import mlflow
+    from hydra.utils import instantiate
+
+    from pvbess import checkpoints, device
+
+    dev = device.resolve(cfg.device.name, cfg.device.torch_threads)
     ckpt = checkpoints.latest(out_dir / "checkpoints", name) if resuming else None
     if ckpt is None:
         if resuming:
-            log.warning("no checkpoint in %s: training again from step 0", out_dir)
+            log.warning("no checkpoint in %s: starting again from step 0", out_dir)
         builder = instantiate(cfg.agent, _convert_="all")
-        return builder(env=Monitor(env), seed=cfg.seed, device=dev)
-    model = checkpoints.load(cfg.agent["_target_"], ckpt, Monitor(env), dev)
-    digest = checkpoints.policy_digest(model)
-    log.info("resuming from %s (%d steps, policy %s)", ckpt.model_path, ckpt.steps, digest)
-    mlflow.set_tags({"resumed_from_steps": str(ckpt.steps), "resumed_policy_digest": digest})
-    return model
-
-
-def learn(cfg: DictConfig, model: Any, name: str, out_dir: Path, run_id: str) -> None:
-    """SB3's learn with MLflow logging and checkpoints; an interrupt saves one first."""
-    buffer = tracking.MetricBuffer()
-    model.set_logger(tracking.sb3_logger(buffer))
-    saver = checkpoints.AtomicCheckpointCallback(
-        buffer=buffer,
-        save_freq=cfg.checkpoint_every,
-        save_path=str(out_dir / "checkpoints"),
-        name_prefix=name,
-        save_replay_buffer=True,
-        save_vecnormalize=True,
+        return builder(env=env, seed=cfg.seed, device=dev), None
+    model = checkpoints.load(cfg.agent["_target_"], ckpt, env, dev)
+    # A fresh random stream per resume point: resuming one checkpoint twice
+    # gives the same run, and it does not replay the first stream from step 0.
+    model.set_random_seed(cfg.seed + ckpt.steps)
+    tags = {
+        "resumed_from_steps": str(ckpt.steps),
+        "resumed_policy_digest": checkpoints.policy_digest(model),
+    }
+    buffer_size = checkpoints.replay_buffer_size(model)
+    if buffer_size is not None:
+        tags["resumed_replay_buffer_size"] = str(buffer_size)
+    log.info(
+        "resuming from %s (%d steps, policy %s, replay buffer %s)",
+        ckpt.model_path,
+        ckpt.steps,
+        tags["resumed_policy_digest"],
+        "n/a" if buffer_size is None else f"{buffer_size} transitions",
     )
+    mlflow.set_tags(tags)
+    return model, ckpt
+
+
+def learn(
+    cfg: DictConfig,
+    model: Any,
+    name: str,
+    out_dir: Path,
+    run_id: str,
+    ckpt: Checkpoint | None,
+    resuming: bool,
+) -> None:
+    """SB3's learn with MLflow logging and checkpoints; a signal saves one and stops."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from pvbess import checkpoints, tracking
+
     remaining = cfg.total_timesteps - model.num_timesteps
-    try:
-        with checkpoints.sigterm_as_interrupt():
-            model.learn(
-                total_timesteps=max(remaining, 0),
-                callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver]),
-                log_interval=cfg.log_interval,
-                progress_bar=True,
-                reset_num_timesteps=model.num_timesteps == 0,
-            )
-    except KeyboardInterrupt:
-        saver.save_now()
-        log.warning(
-            "interrupted at %d steps; checkpoint saved. Resume with:\n"
-            "  python -m pvbess.train resume=%s",
-            model.num_timesteps,
-            run_id,
+    if remaining <= 0:
+        log.info("already trained for %d steps", model.num_timesteps)
+        return
+    # Steps the interrupted attempt already logged are not logged twice.
+    buffer = tracking.MetricBuffer(after_step=tracking.last_logged_step(run_id) if resuming else -1)
+    model.set_logger(tracking.sb3_logger(buffer))
+    if ckpt is not None:
+        checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
+    with checkpoints.graceful_stop() as stop:
+        saver = checkpoints.AtomicCheckpointCallback(
+            buffer=buffer,
+            save_freq=cfg.checkpoint_every,
+            save_path=out_dir / "checkpoints",
+            name_prefix=name,
+            stop=stop,
         )
-        raise
+        log.info("training %s from step %d to %d", name, model.num_timesteps, cfg.total_timesteps)
+        model.learn(
+            total_timesteps=remaining,
+            callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver]),
+            log_interval=cfg.log_interval,
+            progress_bar=True,
+            reset_num_timesteps=model.num_timesteps == 0,
+        )
+    if stop.signum is not None:
+        last = saver.last
+        log.warning(
+            "stopped by %s; last checkpoint: %s",
+            signal.Signals(stop.signum).name,
+            "none" if last is None else f"{last.model_path} ({last.steps} steps)",
+        )
+        raise checkpoints.Interrupted(stop.signum)
     buffer.flush()
 
 
-def log_evaluation(result: evaluation.EvalResult, out_dir: Path, title: str) -> None:
+def log_evaluation(result: EvalResult, out_dir: Path, title: str) -> None:
     """KPIs as eval/* metrics, CityLearn's as citylearn/*, and the files a user opens."""
+    import mlflow
+
+    from pvbess import plots
+
     mlflow.log_metrics({f"eval/{k}": v for k, v in result.kpis.items()})
     mlflow.log_metrics({f"eval_std/{k}": v for k, v in result.kpis_std.items()})
     mlflow.log_metrics({f"citylearn/{k}": v for k, v in result.citylearn_kpis.items()})
@@ -151,10 +252,50 @@ def log_evaluation(result: evaluation.EvalResult, out_dir: Path, title: str) -> 
     )
 
 
+def _ignored_overrides() -> list[str]:
+    """Command-line overrides that a resumed run does not apply (it keeps its config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keep = ("resume", "tracking.uri")
+    overrides = HydraConfig.get().overrides.task
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keep]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of USER_ERRORS (checked in the modules imported so far:
+    an error class whose module was never imported cannot have been raised)."""
+    classes = tuple(
+        getattr(sys.modules[module], cls) for module, cls in USER_ERRORS if module in sys.modules
+    )
+    return isinstance(exc, classes)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    try:
+        kpis = train(cfg)
+    except KeyboardInterrupt as exc:
+        log.error("interrupted (%s)", exc or "Ctrl-C")
+        # SystemExit passes through Hydra's handler; 128 + signal number, as a shell reports it.
+        raise SystemExit(128 + getattr(exc, "signum", signal.SIGINT)) from None
+    except Exception as exc:
+        if not user_error(exc):
+            raise  # a bug: Hydra prints the traceback
+        log.error("error: %s: %s", type(exc).__name__, exc)
+        if _in_multirun():
+            raise  # Hydra marks this job FAILED and goes on with the sweep's other jobs
+        raise SystemExit(EXIT_ERROR) from None
     # The value an optimizing sweeper maximizes: the evaluation's mean reward.
-    return train(cfg)["reward_total_mean"]
+    return kpis.get("reward_total_mean", math.nan)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""Sweeps in MLflow: one parent run per ``--multirun``, every job a child run of it.
+
+``MlflowSweepCallback`` (a Hydra callback, configured under ``hydra.callbacks``)
+runs in the process that starts the sweep, before any job and after the last:
+
+- it prepares the store: creates its tables and every experiment the jobs will
+  write to. Parallel jobs hitting a fresh SQLite store race through its schema
+  migration (tables half made, runs lost) and two jobs creating the same
+  experiment collide; once the store exists, MLflow's 20 s ``busy_timeout`` on
+  every session serialises the jobs' writes;
+- it creates the parent run (the sweep's overrides and its size as params) and
+  passes its id to every job as ``PVBESS_PARENT_RUN_ID``: exported here for jobs
+  in this process or its children (basic, joblib, local Ray) and added to each
+  job's ``hydra.job.env_set`` for launchers that compose jobs here and run them
+  elsewhere (a Ray cluster, SLURM);
+- at the end it counts the children, logs the counts and ends the parent:
+  FINISHED, or FAILED if a child failed or a job's error stopped the sweep,
+  KILLED on Ctrl-C.
+
+A job's run becomes a child through ``parent_tags()``, which
+``tracking.start_run`` adds to the run's tags. ``pvbess.tune`` uses the same
+functions for its search's parent run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param, Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+import pvbess
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "PVBESS_PARENT_RUN_ID"
+JOB_ENV = "PVBESS_SWEEP_JOB"
+PARENT_TAG = "mlflow.parentRunId"
+JOB_TAG = "sweep_job"
+MAX_PARAM_CHARS = 6000
+MAX_PARAMS_PER_CALL = 100
+# The override keys that decide which experiment a job writes to.
+EXPERIMENT_KEYS = ("site", "tracking.experiment")
+
+
+def parent_tags() -> dict[str, str]:
+    """Tags that make the current run a child of the sweep that started it.
+
+    Empty outside a sweep. ``sweep_job`` is the job's number in the sweep (the
+    trial number in a search), to find a job's run from its number.
+    """
+    parent = os.environ.get(PARENT_ENV, "").strip()
+    if not parent:
+        return {}
+    tags = {PARENT_TAG: parent}
+    job = os.environ.get(JOB_ENV) or _hydra_job_num()
+    if job is not None:
+        tags[JOB_TAG] = str(job)
+    return tags
+
+
+def _hydra_job_num() -> str | None:
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = cast(DictConfig, HydraConfig.get())  # a DictConfig typed as HydraConf
+    num = OmegaConf.select(hydra_cfg, "job.num", default=None)
+    return None if num is None else str(num)
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    return str(cfg.tracking.experiment or cfg.site.name)
+
+
+def prepare_store(cfg: DictConfig, experiments: Iterable[str]) -> dict[str, str]:
+    """Create the store's tables and these experiments now; return name -> experiment id.
+
+    Ends with the first experiment selected (``mlflow.set_experiment``).
+    """
+    from pvbess import tracking  # here: tracking imports this module
+
+    names = list(dict.fromkeys(experiments))
+    ids = {}
+    for name in reversed(names):
+        ids[name] = tracking.configure(
+            cfg.tracking.uri, cfg.paths.root_dir, name, cfg.tracking.artifact_location
+        )
+    return {name: ids[name] for name in names}
+
+
+def start_parent(
+    cfg: DictConfig, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> str:
+    """Create the parent run (not the active run of this process); return its id."""
+    from pvbess import tracking
+
+    client = MlflowClient()
+    base = {
+        "kind": "sweep",
+        "site": str(cfg.site.name),
+        # The code's commit, wherever the outputs go ($PVBESS_ROOT may be elsewhere).
+        "git_commit": tracking.git_commit(Path(pvbess.__file__).resolve().parent),
+        "pvbess_version": pvbess.__version__,
+    }
+    run = client.create_run(experiment_id, run_name=run_name, tags=base | tags)
+    log_params(run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    client = MlflowClient()
+    items = sorted((k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+        client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in items[i : i + MAX_PARAMS_PER_CALL]],
+            synchronous=True,
+        )
+
+
+def children(parent_id: str, experiment_ids: Iterable[str]) -> list[Run]:
+    """Every run tagged as a child of ``parent_id`` in these experiments."""
+    return MlflowClient().search_runs(
+        list(experiment_ids), f"tags.{PARENT_TAG} = '{parent_id}'", max_results=50_000
+    )
+
+
+def end_parent(parent_id: str, experiment_ids: Iterable[str], status: str | None = None) -> None:
+    """Log the children's counts on the parent and end it.
+
+    ``status=None``: FINISHED when every child finished, else FAILED.
+    """
+    client = MlflowClient()
+    runs = children(parent_id, experiment_ids)
+    counts = {s: sum(r.info.status == s for r in runs) for s in ("FINISHED", "FAILED", "KILLED")}
+    client.log_batch(
+        parent_id,
+        metrics=[metric("sweep/jobs", len(runs))]
+        + [metric(f"sweep/jobs_{s.lower()}", n) for s, n in counts.items()],
+        synchronous=True,
+    )
+    if status is None:
+        status = "FINISHED" if runs and counts["FINISHED"] == len(runs) else "FAILED"
+    client.set_terminated(parent_id, status=status)
+    log.info(
+        "sweep parent run %s %s: %d jobs (%s)",
+        parent_id,
+        status,
+        len(runs),
+        ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
+    )
+
+
+def metric(key: str, value: float, step: int = 0) -> Metric:
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def sweep_size(cfg: DictConfig, overrides: list[str]) -> int | None:
+    """How many jobs the sweep launches: the product of the sweeps, or ``n_trials``."""
+    sweeper = cfg.hydra.sweeper
+    if str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        params = sweeper.get("params") or {}
+        args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+        try:
+            parsed = OverridesParser.create().parse_overrides(args)
+            batches = BasicSweeper.split_arguments(parsed, None)
+        except Exception as exc:  # e.g. glob() needs the config loader
+            log.warning("cannot count the sweep's jobs: %s", exc)
+            return None
+        return sum(len(b) for b in batches)
+    n = sweeper.get("n_trials")
+    return None if n is None else int(n)
+
+
+def job_experiments(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The experiments the jobs write to; more than one when ``site`` is swept.
+
+    Composes the config once per swept value of ``site`` / ``tracking.experiment``.
+    """
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept = [o for o in parsed if o.is_sweep_override() and o.key_or_group in EXPERIMENT_KEYS]
+    if not swept:
+        return [experiment_name(cfg)]
+    from hydra import compose
+
+    fixed = [str(o.input_line) for o in parsed if not o.is_sweep_override()]
+    options = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in swept]
+    names = [experiment_name(cfg)]
+    for combo in itertools.product(*options):
+        job_cfg = compose(cfg.hydra.job.config_name, overrides=[*fixed, *combo])
+        names.append(experiment_name(job_cfg))
+    return list(dict.fromkeys(names))
+
+
+def _override_params(overrides: list[str]) -> dict[str, str]:
+    out = {"overrides": " ".join(overrides)}
+    for line in overrides:
+        key, _, value = line.partition("=")
+        out[f"override.{key.lstrip('+~')}"] = value
+    return out
+
+
+class MlflowSweepCallback(Callback):
+    """One MLflow parent run per Hydra multirun; see the module's docstring."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.experiment_ids: list[str] = []
+        self.tracking_uri = ""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        overrides = [str(o) for o in config.hydra.overrides.task]
+        ids = prepare_store(config, job_experiments(config, overrides))
+        self.experiment_ids = list(ids.values())
+        self.tracking_uri = mlflow.get_tracking_uri()
+        size = sweep_size(config, overrides)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        choices = config.hydra.runtime.choices
+        params: dict[str, Any] = _override_params(overrides)
+        params["size"] = size if size is not None else "unknown"
+        tags = {
+            "sweep_dir": str(sweep_dir),
+            "launcher": str(choices.get("hydra/launcher", "")),
+            "sweeper": str(choices.get("hydra/sweeper", "")),
+            "mlflow.note.content": "python -m pvbess.train --multirun " + " ".join(overrides),
+        }
+        name = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
+        self.run_id = start_parent(config, self.experiment_ids[0], name, params, tags)
+        os.environ[PARENT_ENV] = self.run_id
+        # Jobs composed here and run elsewhere get it through their own config.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{PARENT_ENV}='{self.run_id}'")
+        atexit.register(self._died)
+        log.info("sweep of %s jobs: MLflow parent run %s", size, self.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        atexit.unregister(self._died)
+        mlflow.set_tracking_uri(self.tracking_uri)  # in-process jobs may have moved it
+        end_parent(self.run_id, self.experiment_ids)
+        self._forget()
+
+    def _died(self) -> None:
+        """The sweep ended without on_multirun_end: FAILED (a job raised) or KILLED (Ctrl-C)."""
+        if self.run_id is None:
+            return
+        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
+        try:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            MlflowClient().set_tag(self.run_id, "error", "the sweep stopped before its end")
+            end_parent(
+                self.run_id, self.experiment_ids, status="KILLED" if interrupted else "FAILED"
+            )
+        except Exception as exc:  # at exit: report, never raise
+            log.warning("could not end sweep parent run %s: %s", self.run_id, exc)
+        self._forget()
+
+    def _forget(self) -> None:
+        if os.environ.get(PARENT_ENV) == self.run_id:
+            del os.environ[PARENT_ENV]
+        self.run_id = None

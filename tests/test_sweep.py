@@ -1,0 +1,185 @@
+"""Sweeps: a parent MLflow run per multirun, jobs as its children; parallel jobs lose nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from pvbess import sweep
+
+from .conftest import CONF, ROOT
+
+# Two PPO/A2C iterations of 32 steps each on the one-week site.
+TINY = ["site=tiny", "total_timesteps=64", "agent.n_steps=32"]
+ARTIFACTS = {
+    "config.yaml",
+    "dashboard.png",
+    "eval_timeseries.csv",
+    "model/model.zip",
+    "result.json",
+    "site/site.png",
+    "site/summary.json",
+}
+
+
+def run_module(
+    module: str, args: list[str], root: Path, timeout: int = 300, ok: bool = True
+) -> str:
+    """``python -m <module> <args>`` with PVBESS_ROOT=root; its output. Checks the exit status."""
+    env = dict(os.environ, PVBESS_ROOT=str(root), CITYLEARN_OFFLINE="1")
+    env.pop(sweep.PARENT_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def client_for(root: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    return MlflowClient()
+
+
+def family(client: MlflowClient, experiment: str = "tiny") -> tuple[Run, list[Run]]:
+    """The experiment's one parent run (kind sweep or search) and every other run."""
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") in ("sweep", "search")]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    return parents[0], [r for r in runs if r is not parents[0]]
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out: set[str] = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def check_sweep(client: MlflowClient, n_jobs: int, overrides: str) -> list[Run]:
+    """The parent and its n_jobs complete children; returns the children."""
+    parent, kids = family(client)
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["size"] == str(n_jobs)
+    assert parent.data.params["overrides"] == overrides
+    assert parent.data.metrics["sweep/jobs_finished"] == n_jobs
+    assert len(kids) == n_jobs
+    assert sorted(int(k.data.tags[sweep.JOB_TAG]) for k in kids) == list(range(n_jobs))
+    for kid in kids:
+        assert kid.data.tags[sweep.PARENT_TAG] == pid
+        assert kid.info.status == "FINISHED"
+        assert "MLFLOW_RUN_ID" not in kid.data.tags
+    return kids
+
+
+def check_complete(client: MlflowClient, kids: list[Run]) -> None:
+    """Every child has every metric, step and artifact, matching its job's own files."""
+    keys_by_agent: dict[str, set[str]] = {}
+    for kid in kids:
+        rid, metrics = kid.info.run_id, kid.data.metrics
+        expected = keys_by_agent.setdefault(kid.data.tags["agent"], set(metrics))
+        assert set(metrics) == expected, kid.info.run_name
+        assert any(k.startswith("train/") for k in metrics)
+        assert len(client.get_metric_history(rid, "time/total_timesteps")) == 2  # 64 / 32
+        result = json.loads((Path(kid.data.tags["output_dir"]) / "result.json").read_text())
+        assert {f"eval/{k}": v for k, v in result["kpis"].items()}.items() <= metrics.items()
+        assert artifacts(client, rid) == ARTIFACTS
+        assert kid.data.params["total_timesteps"] == "64"
+
+
+def test_parent_tags_only_inside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sweep.PARENT_ENV, raising=False)
+    monkeypatch.delenv(sweep.JOB_ENV, raising=False)
+    assert sweep.parent_tags() == {}
+    monkeypatch.setenv(sweep.PARENT_ENV, "abc123")
+    monkeypatch.setenv(sweep.JOB_ENV, "7")
+    assert sweep.parent_tags() == {"mlflow.parentRunId": "abc123", "sweep_job": "7"}
+
+
+def _hydra_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_sweep_size_is_the_product_of_the_sweeps() -> None:
+    cfg = _hydra_cfg()
+    overrides = ["agent=ppo,sac,a2c", "reward=balanced,co2_heavy", "seed=0,1,2", "site=tiny"]
+    assert sweep.sweep_size(cfg, overrides) == 18
+    assert sweep.sweep_size(cfg, ["seed=range(0,4)"]) == 4
+
+
+def test_experiments_of_a_sweep_over_sites(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["site=tiny"], return_hydra_config=True)
+        names = sweep.job_experiments(cfg, ["site=tiny,iquitos_mall", "agent=ppo,a2c"])
+        assert names == ["tiny", "iquitos_mall"]
+        assert sweep.job_experiments(cfg, ["site=tiny", "seed=0,1"]) == ["tiny"]
+
+
+def test_launchers_compose() -> None:
+    default = _hydra_cfg().hydra
+    assert default.launcher._target_.endswith("JoblibLauncher")
+    assert default.callbacks.mlflow_sweep._target_ == "pvbess.sweep.MlflowSweepCallback"
+    assert _hydra_cfg("hydra/launcher=joblib", "hydra.launcher.n_jobs=2").hydra.launcher.n_jobs == 2
+    assert _hydra_cfg("hydra/launcher=basic").hydra.launcher._target_.endswith("BasicLauncher")
+    ray = _hydra_cfg("hydra/launcher=ray").hydra.launcher
+    assert ray._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert ray.ray.init.address is None and ray.ray.init.include_dashboard is False
+    cluster = _hydra_cfg("hydra/launcher=ray", "hydra.launcher.ray.init.address=10.0.0.5:6379")
+    assert cluster.hydra.launcher.ray.init.address == "10.0.0.5:6379"
+    slurm = _hydra_cfg("hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu")
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher.partition == "cpu"
+
+
+def test_two_job_multirun_basic_launcher(tmp_path: Path) -> None:
+    args = ["agent=ppo,a2c", *TINY]
+    run_module("pvbess.train", ["--multirun", "hydra/launcher=basic", *args], tmp_path)
+    kids = check_sweep(client_for(tmp_path), 2, " ".join(args))
+    assert sorted(k.data.tags["agent"] for k in kids) == ["a2c", "ppo"]
+    assert len(list((tmp_path / "multirun").glob("*/*/*_*-balanced-s0"))) == 2
+
+
+def test_four_jobs_on_two_parallel_workers_lose_nothing(tmp_path: Path) -> None:
+    """joblib, the default launcher, with 2 worker processes writing to one SQLite store."""
+    args = ["agent=ppo,a2c", "seed=0,1", *TINY]
+    out = run_module("pvbess.train", ["--multirun", "hydra.launcher.n_jobs=2", *args], tmp_path)
+    assert "Joblib.Parallel(n_jobs=2" in out
+    client = client_for(tmp_path)
+    kids = check_sweep(client, 4, " ".join(args))
+    check_complete(client, kids)
+    assert sorted((k.data.tags["agent"], k.data.tags["seed"]) for k in kids) == [
+        ("a2c", "0"),
+        ("a2c", "1"),
+        ("ppo", "0"),
+        ("ppo", "1"),
+    ]
+
+
+def test_a_sweep_that_dies_fails_its_parent(tmp_path: Path) -> None:
+    # Both jobs fail their config check before any run starts; Hydra stops the sweep.
+    args = ["hydra/launcher=basic", "site=tiny", "site.bess.capacity_kwh=-5,-6"]
+    out = run_module("pvbess.train", ["--multirun", *args], tmp_path, ok=False)
+    assert "site.bess.capacity_kwh" in out
+    parent, kids = family(client_for(tmp_path))
+    assert parent.info.status == "FAILED" and kids == []
+    assert parent.data.tags["error"] == "the sweep stopped before its end"
+    assert parent.data.params["size"] == "2"

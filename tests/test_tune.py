@@ -1,0 +1,159 @@
+"""Hyperparameter search: the search grammar, the plan's checks, a two-trial Optuna search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from pvbess import config, sweep, tune
+
+from .conftest import CONF
+from .test_sweep import TINY, check_complete, client_for, family, run_module
+
+PARSER = OverridesParser.create()
+
+
+def _dim(line: str) -> tune.Dimension:
+    return tune.dimension(PARSER.parse_override(line))
+
+
+@pytest.mark.parametrize(
+    "value", [1e-5, 0.25, 3, True, None, "MlpPolicy", "it's a b", [64, 64], {"pi": [32]}]
+)
+def test_values_pass_through_the_override_grammar(value: object) -> None:
+    assert PARSER.parse_override(f"k={tune.format_value(value)}").value() == value
+
+
+def test_dimensions_from_the_sweep_grammar() -> None:
+    lr = _dim("agent.learning_rate=tag(log, interval(1e-5, 1e-3))")
+    assert lr.distribution == FloatDistribution(1e-5, 1e-3, log=True)
+    assert _dim("agent.n_epochs=int(interval(3, 20))").distribution == IntDistribution(3, 20)
+    assert _dim("agent.gamma=interval(0.9, 1)").distribution == FloatDistribution(0.9, 1.0)
+    assert _dim("agent.n_steps=range(8,33,8)").distribution == IntDistribution(8, 32, step=8)
+    arch = _dim("+agent.policy_kwargs=choice({net_arch:[64,64]},{net_arch:[256]})")
+    assert isinstance(arch.distribution, CategoricalDistribution)
+    assert arch.name == "agent.policy_kwargs" and arch.key == "+agent.policy_kwargs"
+    label = arch.distribution.choices[1]
+    assert isinstance(label, str) and arch.value(label) == {"net_arch": [256]}
+    assert arch.override(label) == "+agent.policy_kwargs={net_arch:[256]}"
+    with pytest.raises(tune.TuneError):
+        _dim("agent.gamma=glob(*)")
+
+
+def test_plan_merges_the_search_file_and_the_command_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    plan = tune.make_plan(
+        [
+            "hparams_search=ppo_optuna",
+            *TINY,
+            "agent.gamma=choice(0.9,0.99)",
+            "tune.n_trials=3",
+            "tune.objective=co2_kg",
+            "tune.direction=minimize",
+        ]
+    )
+    assert plan.fixed == ["agent=ppo", *TINY]
+    assert plan.search.n_trials == 3 and plan.search.direction == "minimize"
+    assert "agent.n_steps" not in plan.dimensions  # fixed on the command line
+    assert plan.dimensions["agent.gamma"].distribution == CategoricalDistribution([0.9, 0.99])
+    assert "agent.learning_rate" in plan.dimensions
+    assert plan.cfg.site.name == "tiny" and plan.preset_name == "ppo_tuned"
+    assert plan.study_dir.parent.parent == tmp_path / "multirun"
+
+
+@pytest.mark.parametrize("agent", ["ppo", "sac", "a2c"])
+def test_every_search_file_plans(agent: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    plan = tune.make_plan([f"hparams_search={agent}_optuna"])
+    assert plan.search.agent == agent and plan.fixed == [f"agent={agent}"]
+    assert plan.search.objective == "reward_total_mean" and plan.search.direction == "maximize"
+    assert len(plan.dimensions) >= 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["site=tiny"], "name the search"),
+        (["hparams_search=nope"], "no such file"),
+        (["hparams_search=ppo_optuna", "agent=sac"], "searches agent=ppo"),
+        (["hparams_search=ppo_optuna", "agent.learnin_rate=interval(0,1)"], "does not compose"),
+        (["hparams_search=ppo_optuna", "tune.direction=up"], "maximize or minimize"),
+        (["hparams_search=ppo_optuna", "hydra.run.dir=/x"], "set by pvbess.tune"),
+    ],
+)
+def test_plan_refuses_bad_input(args: list[str], message: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    with pytest.raises(tune.TuneError, match=message):
+        tune.make_plan(args)
+
+
+def test_a_study_continues_only_with_the_same_overrides(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    common = ["hparams_search=a2c_optuna", "tune.study_name=s", "site=tiny"]
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    first = tune.open_study(tune.make_plan([*common, "seed=1"]), storage)
+    assert first.user_attrs["fixed_overrides"] == ["agent=a2c", "site=tiny", "seed=1"]
+    again = tune.open_study(tune.make_plan([*common, "seed=1"]), storage)
+    assert again.study_name == "s"
+    with pytest.raises(tune.TuneError, match="not comparable"):
+        tune.open_study(tune.make_plan([*common, "seed=2"]), storage)
+
+
+def test_two_trial_search(tmp_path: Path) -> None:
+    out = run_module(
+        "pvbess.tune",
+        [
+            "hparams_search=ppo_optuna",
+            *TINY,
+            "agent.batch_size=32",
+            "tune.n_trials=2",
+            "tune.n_jobs=2",
+        ],
+        tmp_path,
+    )
+    assert "best parameters written to" in out
+
+    # The study, beside the MLflow store: two finished trials.
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    best = study.best_trial
+
+    # MLflow: the parent carries the best parameters; each trial is a complete child run.
+    client = client_for(tmp_path)
+    parent, kids = family(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "search"
+    assert parent.data.params["size"] == "2"
+    assert len(kids) == 2
+    assert all(k.data.tags[sweep.PARENT_TAG] == parent.info.run_id for k in kids)
+    check_complete(client, kids)
+    for key, value in best.params.items():
+        assert float(parent.data.params[f"best.{key}"]) == pytest.approx(value)
+    assert parent.data.metrics["best/reward_total_mean"] == pytest.approx(best.value)
+    best_run = client.get_run(parent.data.tags["best_run_id"])
+    assert best_run.data.tags[sweep.JOB_TAG] == str(best.number)
+    assert best_run.data.metrics["eval/reward_total_mean"] == pytest.approx(best.value)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "preset")} == {
+        "preset/ppo_tuned.yaml"
+    }
+
+    # The preset, under the project root: agent=ppo_tuned composes, validates, builds.
+    preset = tmp_path / "conf" / "agent" / "ppo_tuned.yaml"
+    assert preset.is_file()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"hydra.searchpath=[file://{tmp_path}/conf]", "agent=ppo_tuned"]
+        )
+    for key, value in best.params.items():
+        assert cfg.agent[key.removeprefix("agent.")] == pytest.approx(value)
+    assert cfg.agent.n_steps == 2190  # not searched here: ppo's own value
+    cfg.paths.output_dir = str(tmp_path / "out")
+    config.validate(cfg)
+    assert callable(instantiate(cfg.agent))
