@@ -310,11 +310,11 @@ BACKENDS = ("citylearn", "twin")
 class EnvConfig:
     _target_: str = "pvbess.env.SiteEnv"
     _partial_: bool = True
-    backend: str = "citylearn"
+    backend: str = "twin"
     safety_layer: bool = True
     # Env copies stepped at once in one numpy call for training (pvbess.twin.TwinVecEnv);
     # > 1 needs backend twin.
-    n_envs: int = 1
+    n_envs: int = 8
 
     def check(self) -> None:
         _require(
@@ -350,9 +350,9 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    total_timesteps: int = 8760
+    total_timesteps: int = 87600
     eval_episodes: int = 1
-    checkpoint_every: int = 4380
+    checkpoint_every: int = 21900
     # SB3's log_interval: iterations (PPO, A2C) or episodes (SAC) between metric dumps.
     log_interval: int = 1
     # A run directory or an MLflow run id: continue that run from its last checkpoint.

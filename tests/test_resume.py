@@ -28,7 +28,9 @@ from pvbess import checkpoints
 from .conftest import ROOT
 
 # Four PPO updates between checkpoints: the kill lands well before the run ends.
+# One env copy: the step arithmetic below is per env step.
 PPO_ARGS = [
+    "env.n_envs=1",
     "agent=ppo",
     "agent.n_steps=64",
     "agent.batch_size=32",
@@ -37,6 +39,7 @@ PPO_ARGS = [
     "checkpoint_every=128",
 ]
 SAC_ARGS = [
+    "env.n_envs=1",
     "agent=sac",
     "agent.learning_starts=50",
     "agent.buffer_size=1000",

@@ -19,7 +19,8 @@ from pvbess import sweep
 from .conftest import CONF, ROOT
 
 # Two PPO/A2C iterations of 32 steps each on the one-week site.
-TINY = ["site=tiny", "total_timesteps=64", "agent.n_steps=32"]
+# One env copy: the checks count steps per env step (64 / 32 = 2 updates).
+TINY = ["site=tiny", "env.n_envs=1", "total_timesteps=64", "agent.n_steps=32"]
 ARTIFACTS = {
     "config.yaml",
     "dashboard.png",

@@ -29,8 +29,10 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     cfg = make_cfg(
         f"agent={agent}",
         "site=tiny",
-        "total_timesteps=300",
-        "checkpoint_every=100",
+        # The default path: 8 twin copies; 1,400 steps let every copy finish one tiny
+        # episode (168 steps), evaluation then runs on CityLearn.
+        "total_timesteps=1400",
+        "checkpoint_every=512",
         "seed=3",
         *SMALL[agent],
     )
@@ -49,7 +51,8 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     assert tags["agent"] == agent and tags["reward"] == "balanced" and tags["site"] == "tiny"
     assert tags["seed"] == "3" and tags["site_data_hash"] and tags["pvbess_version"]
     params = run.data.params
-    assert params["total_timesteps"] == "300"
+    assert params["total_timesteps"] == "1400"
+    assert tags["env_backend"] == "twin" and tags["env_n_envs"] == "8"
     assert params["site.bess.capacity_kwh"] == "100.0"
     assert params["agent._target_"].lower().endswith(agent)
     m = run.data.metrics

@@ -153,7 +153,7 @@ def test_two_trial_search(tmp_path: Path) -> None:
         )
     for key, value in best.params.items():
         assert cfg.agent[key.removeprefix("agent.")] == pytest.approx(value)
-    assert cfg.agent.n_steps == 2190  # not searched here: ppo's own value
+    assert cfg.agent.n_steps == 274  # not searched here: ppo's own value
     cfg.paths.output_dir = str(tmp_path / "out")
     config.validate(cfg)
     assert callable(instantiate(cfg.agent))

@@ -271,7 +271,7 @@ def test_config_accepts_twin_and_copies_only_on_twin(make_cfg, tiny_dataset) -> 
     typed = config.validate(make_cfg("site=tiny", "env.backend=twin", "env.n_envs=16"))
     assert typed.env.backend == "twin" and typed.env.n_envs == 16
     with pytest.raises(ConfigError, match=r"env\.n_envs"):
-        config.validate(make_cfg("site=tiny", "env.n_envs=4"))
+        config.validate(make_cfg("site=tiny", "env.backend=citylearn", "env.n_envs=4"))
     with pytest.raises(ConfigError, match=r"env\.backend"):
         config.validate(make_cfg("site=tiny", "env.backend=gym"))
     with pytest.raises(ValueError, match="n_envs"):
