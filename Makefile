@@ -36,7 +36,7 @@ compare: install ## Compare the site's runs from MLflow: make compare ARGS="site
 	$(BIN)/python -m pvbess.compare $(ARGS)
 
 SITE ?= iquitos_mall
-BUDGET ?= 8760
+BUDGET ?= 87600
 compare-all: install ## The whole study for SITE: 3 baselines, PPO/SAC/A2C at BUDGET steps, then compare
 	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=uncontrolled,rbc,optimal $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=ppo,sac,a2c total_timesteps=$(BUDGET) $(ARGS)
@@ -57,6 +57,9 @@ test: install ## Run the fast test suite (what CI runs)
 test-all: install ## Run every test, the slow ones too
 	$(BIN)/python -m pytest -q
 
+parity: install ## Twin vs. CityLearn over the whole Iquitos year, step by step (the slow parity test)
+	$(BIN)/python -m pytest -q -m slow tests/test_twin.py
+
 lint: install ## ruff
 	$(BIN)/ruff check pvbess tests
 
@@ -72,4 +75,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray test test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-all lint bench ui clean

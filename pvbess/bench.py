@@ -102,6 +102,16 @@ def _ppo_steps_per_s(
     return model.num_timesteps / (time.perf_counter() - start)
 
 
+def _lp_figures(ds: dataset.SiteDataset) -> dict[str, float]:
+    """The perfect-foresight LP over the whole period: solve time, size, memory."""
+    from pvbess import optimal
+    from pvbess.env import reward_scales
+
+    reward = RewardConfig(name="balanced", weights=RewardWeights())
+    problem = optimal.Problem.from_dataset(ds, reward.weights, reward_scales(ds, reward))
+    return optimal.solve(problem).metrics()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", default="iquitos_mall")
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             unsafe.append(_pvbess_steps_per_s(ds, actions, safety=False))
             twin.append(_pvbess_steps_per_s(ds, actions, safety=True, backend="twin"))
             vec.append(_twin_vec_steps_per_s(ds, args.n_envs, 8 * n * args.n_envs // 16))
+        lp = _lp_figures(ds)
         ppo = _ppo_steps_per_s(ds, args.ppo_steps)
         ppo_twin = _ppo_steps_per_s(ds, args.ppo_steps, backend="twin")
         ppo_vec = _ppo_steps_per_s(ds, args.twin_ppo_steps, n_envs=args.n_envs)
@@ -175,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  PPO on the twin VecEnv ({args.n_envs:3d})   {ppo_vec:10.1f} env steps/s "
         f"({args.twin_ppo_steps} steps)"
+    )
+    print(
+        f"  optimum LP (HiGHS), reward=balanced: solve {lp['lp/solve_seconds']:.2f} s, "
+        f"{lp['lp/variables']:,.0f} variables, {lp['lp/constraints']:,.0f} constraints, "
+        f"peak memory during the solve {lp.get('lp/peak_memory_mb', float('nan')):,.0f} MB "
+        "(target: under 60 s)"
     )
     print(f"  peak memory (RSS)               {peak_mb:10.0f} MB")
 

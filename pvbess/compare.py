@@ -34,7 +34,7 @@ config.register()
 BASELINE = "uncontrolled"
 OPTIMUM = "optimal"
 HOURS_PER_YEAR = 8760.0
-LEARNING_CURVE_METRIC = "episode/return"
+LEARNING_CURVE_METRIC = "learning/co2_kg"
 
 # Table columns: (column title, eval metric, scale to the shown unit).
 COLUMNS: list[tuple[str, str, float]] = [
@@ -244,24 +244,34 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     learners = frame[frame.train_steps > 0]
     if len(learners):
         fig, ax = plt.subplots(figsize=(8, 4.5))
+        colors = {
+            key: f"C{i % 10}"
+            for i, key in enumerate(sorted(set(zip(learners.agent, learners.reward, strict=True))))
+        }
         for (agent, reward), grp in learners.groupby(["agent", "reward"]):
-            for k, run_id in enumerate(grp.run_id):
-                hist = client.get_metric_history(run_id, LEARNING_CURVE_METRIC)
-                if hist:
-                    x = [h.step for h in hist]
-                    y = [h.value for h in hist]
-                    ax.plot(
-                        x,
-                        y,
-                        ".-",
-                        color=f"C{hash((agent, reward)) % 10}",
-                        alpha=0.8,
-                        label=f"{agent}/{reward}" if k == 0 else None,
-                    )
+            for k, row in enumerate(grp.itertuples()):
+                hist = client.get_metric_history(row.run_id, LEARNING_CURVE_METRIC)
+                if not hist:
+                    continue
+                hours = client.get_run(row.run_id).data.metrics.get("eval/hours", HOURS_PER_YEAR)
+                ax.plot(
+                    [h.step for h in hist],
+                    [h.value / 1e3 * HOURS_PER_YEAR / hours for h in hist],
+                    ".-",
+                    color=colors[(agent, reward)],
+                    alpha=0.8,
+                    label=f"{agent}/{reward}" if k == 0 else None,
+                )
+        base = t[t.agent == BASELINE].co2_mean
+        if len(base):
+            ax.axhline(float(base.iloc[0]), color="k", ls="--", lw=1, label=BASELINE)
+        best = t[t.agent == OPTIMUM].co2_mean
+        if len(best):
+            ax.axhline(float(best.min()), color="g", ls=":", lw=1, label=OPTIMUM)
         ax.set(
             xlabel="training steps",
-            ylabel="episode return",
-            title="Learning curves (return of each training episode; one line per seed)",
+            ylabel="CO2 [t/yr]",
+            title="Learning curves: deterministic evaluation during training (one line per seed)",
         )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -269,7 +279,7 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
             ax.text(
                 0.5,
                 0.5,
-                "no training episode has finished yet",
+                "no evaluation during training (eval_every=0 or too few steps)",
                 ha="center",
                 transform=ax.transAxes,
             )

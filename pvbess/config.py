@@ -355,6 +355,9 @@ class TrainConfig:
     checkpoint_every: int = 21900
     # SB3's log_interval: iterations (PPO, A2C) or episodes (SAC) between metric dumps.
     log_interval: int = 1
+    # Training steps between deterministic evaluations for the learning curve
+    # (learning/* metrics, on the bit-exact twin); 0 = none.
+    eval_every: int = 21900
     # A run directory or an MLflow run id: continue that run from its last checkpoint.
     resume: str | None = None
     agent: dict[str, Any] = field(default_factory=dict)
@@ -374,6 +377,7 @@ class TrainConfig:
         _require(
             self.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {self.eval_episodes}"
         )
+        _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(
             self.checkpoint_every >= 1,
             "checkpoint_every",

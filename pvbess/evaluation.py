@@ -99,3 +99,54 @@ def evaluate(
         timeseries=first_ts,
         citylearn_kpis=cl_kpis,
     )
+
+
+LEARNING_CURVE_KPIS = ("co2_kg", "grid_import_kwh", "cost", "ev_unmet_kwh", "reward_total_mean")
+
+
+def learning_curve_env(env: SiteEnv) -> SiteEnv:
+    """A separate env for evaluations during training: the twin when it models the schema.
+
+    The twin is bit-exact with CityLearn for pvbess's schemas and ~30x faster, so
+    the learning curve costs seconds per point; CityLearn is used otherwise.
+    """
+    try:
+        return SiteEnv(
+            env.dataset, env.reward_config, backend="twin", safety_layer=env.safety_layer
+        )
+    except NotImplementedError as exc:
+        log.info("learning curve on CityLearn (the twin does not model this schema: %s)", exc)
+        return SiteEnv(
+            env.dataset, env.reward_config, backend="citylearn", safety_layer=env.safety_layer
+        )
+
+
+def learning_curve_callback(env: SiteEnv, every_steps: int, log_metrics: Any) -> Any:
+    """An SB3 callback: every ``every_steps`` training steps, one deterministic episode.
+
+    Its KPIs go to ``log_metrics({'learning/<kpi>': value}, step)`` (the run's metric
+    buffer), giving the evaluation KPI vs. training steps curve the comparison plots.
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    usable_kwh = env.site.bess.capacity_kwh * (
+        env.site.bess.soc_max_frac - env.site.bess.soc_min_frac
+    )
+
+    class LearningCurve(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next_at = every_steps
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= self.next_at:
+                while self.next_at <= self.num_timesteps:
+                    self.next_at += every_steps
+                ts = rollout(env, self.model, seed=0, progress=False)
+                values = kpis.compute(ts, usable_capacity_kwh=usable_kwh)
+                log_metrics(
+                    {f"learning/{k}": values[k] for k in LEARNING_CURVE_KPIS}, self.num_timesteps
+                )
+            return True
+
+    return LearningCurve()

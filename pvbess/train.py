@@ -111,7 +111,8 @@ def run_experiment(
     start = time.perf_counter()
     model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
     if getattr(model, "learns", True) and cfg.total_timesteps > 0:
-        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming)
+        curve_env = evaluation.learning_curve_env(eval_env) if cfg.eval_every > 0 else None
+        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=curve_env)
         tracking.log_model(model)
     # Setup and training (for a controller: its planning, e.g. the LP solve).
     mlflow.log_metrics(
@@ -179,11 +180,13 @@ def learn(
     run_id: str,
     ckpt: Checkpoint | None,
     resuming: bool,
+    curve_env: Any = None,
 ) -> None:
-    """SB3's learn with MLflow logging and checkpoints; a signal saves one and stops."""
+    """SB3's learn with MLflow logging, checkpoints and a learning curve (``eval_every``);
+    a signal saves a checkpoint and stops."""
     from stable_baselines3.common.callbacks import CallbackList
 
-    from pvbess import checkpoints, tracking
+    from pvbess import checkpoints, evaluation, tracking
 
     remaining = cfg.total_timesteps - model.num_timesteps
     if remaining <= 0:
@@ -194,6 +197,9 @@ def learn(
     model.set_logger(tracking.sb3_logger(buffer))
     if ckpt is not None:
         checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
+    extra = []
+    if cfg.eval_every > 0 and curve_env is not None:
+        extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
     with checkpoints.graceful_stop() as stop:
         saver = checkpoints.AtomicCheckpointCallback(
             buffer=buffer,
@@ -205,7 +211,7 @@ def learn(
         log.info("training %s from step %d to %d", name, model.num_timesteps, cfg.total_timesteps)
         model.learn(
             total_timesteps=remaining,
-            callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver]),
+            callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver, *extra]),
             log_interval=cfg.log_interval,
             progress_bar=True,
             reset_num_timesteps=model.num_timesteps == 0,

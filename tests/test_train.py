@@ -33,6 +33,7 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
         # episode (168 steps), evaluation then runs on CityLearn.
         "total_timesteps=1400",
         "checkpoint_every=512",
+        "eval_every=700",
         "seed=3",
         *SMALL[agent],
     )
@@ -68,6 +69,9 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     assert m["eval/co2_kg"] == pytest.approx(kpis["co2_kg"])
     assert any(k.startswith("train/") for k in m), sorted(m)
     assert any(k.startswith("citylearn/") for k in m)
+    # The learning curve: a deterministic evaluation every 700 training steps.
+    curve = client.get_metric_history(run.info.run_id, "learning/co2_kg")
+    assert len(curve) == 2 and all(700 <= h.step <= 1536 and h.value > 0 for h in curve)
 
     files = _artifacts(client, run.info.run_id)
     assert any(f.startswith("checkpoints/") and f.endswith(".zip") for f in files), files
