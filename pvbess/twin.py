@@ -54,7 +54,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 from pvbess import env as site_env
 from pvbess import reward as rw
 from pvbess.config import RewardConfig
-from pvbess.dataset import BUILDING, SiteDataset
+from pvbess.dataset import BUILDING, OBSERVATIONS, SiteDataset
 
 F32 = np.float32
 F64 = np.float64
@@ -67,17 +67,8 @@ EV_DRIFT_CLIP = (0.6, 1.4)
 NO_EV = {"connected_state": 0.0, "departure_time": -1.0, "required_soc": -0.1, "soc": -0.1}
 
 # What the twin implements; a schema asking for more is refused (NotImplementedError).
-BASE_OBSERVATIONS = (
-    "month",
-    "day_type",
-    "hour",
-    "solar_generation",
-    "non_shiftable_load",
-    "electrical_storage_soc",
-    "net_electricity_consumption",
-    "electricity_pricing",
-    "carbon_intensity",
-)
+# (exactly the per-building observations pvbess's schema writes).
+BASE_OBSERVATIONS = tuple(OBSERVATIONS)
 # Generic schema name -> (CityLearn's per-charger name pattern, field), in CityLearn's order.
 CHARGER_OBSERVATIONS = {
     "electric_vehicle_charger_connected_state": (
@@ -614,15 +605,7 @@ def observation_bounds(data: TwinData) -> tuple[np.ndarray, np.ndarray]:
     and the chargers' placeholders; departure times up to the episode length.
     """
     storage_kwh = data.bess.nominal_power_kw * data.step_hours
-    series = {
-        "month": data.month,
-        "day_type": data.day_type,
-        "hour": data.hour,
-        "solar_generation": data.pv_kwh32,
-        "non_shiftable_load": data.load_kwh32,
-        "electricity_pricing": data.price32,
-        "carbon_intensity": data.carbon32,
-    }
+    series = _exogenous(data)
     load, pv = data.load_kwh32, data.pv_kwh32
     # Float32 array arithmetic in CityLearn's order (its HVAC and escalator limits are 0).
     net_low = min(float((load - (storage_kwh + pv)).min()), 0.0)
@@ -940,7 +923,8 @@ def _store(
     return balance32, soc32
 
 
-def _base_series(data: TwinData, name: str) -> np.ndarray:
+def _exogenous(data: TwinData) -> dict[str, np.ndarray]:
+    """The observations read straight from the site's files, by CityLearn name."""
     return {
         "month": data.month,
         "day_type": data.day_type,
@@ -949,7 +933,11 @@ def _base_series(data: TwinData, name: str) -> np.ndarray:
         "non_shiftable_load": data.load_kwh32,
         "electricity_pricing": data.price32,
         "carbon_intensity": data.carbon32,
-    }[name].astype(F64)
+    }
+
+
+def _base_series(data: TwinData, name: str) -> np.ndarray:
+    return _exogenous(data)[name].astype(F64)
 
 
 # -- the backend behind SiteEnv ---------------------------------------------------------------
