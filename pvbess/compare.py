@@ -211,7 +211,8 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, ts in series.items():
         monthly = ts["co2_kg"].resample("MS").sum() / 1e3
-        ax.plot(monthly.index.strftime("%Y-%m"), monthly.to_numpy(), ".-", label=name)
+        # Month starts as dates (a time axis), not strings (categories).
+        ax.plot(monthly.index.tz_localize(None), monthly.to_numpy(), ".-", label=name)
     ax.set(ylabel="CO2 [t]", title="Monthly CO2 per controller (first seed)")
     ax.tick_params(axis="x", labelrotation=45)
     ax.legend(fontsize=8)
@@ -321,13 +322,19 @@ def compare(sel: Selection, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def print_table(shown: pd.DataFrame, notes: list[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table_ = Table(title="Controllers compared (mean over seeds)")
     for col in shown.columns:
-        table_.add_column(str(col), justify="left" if col in ("agent", "reward") else "right")
+        # Units in brackets ([t/yr]) are not rich markup: escape them.
+        table_.add_column(
+            escape(str(col)), justify="left" if col in ("agent", "reward") else "right"
+        )
     for row in shown.itertuples(index=False):
-        table_.add_row(*["" if isinstance(v, float) and math.isnan(v) else str(v) for v in row])
+        table_.add_row(
+            *["" if isinstance(v, float) and math.isnan(v) else escape(str(v)) for v in row]
+        )
     console = Console(width=250)
     console.print(table_)
     for n in notes:
@@ -336,14 +343,17 @@ def print_table(shown: pd.DataFrame, notes: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
-    experiment = cfg.tracking.experiment or cfg.site
+    # site and reward are the config groups of training: their presets' names select.
+    site = cfg.site.name
+    reward = cfg.reward.name if cfg.get("reward") else None
+    experiment = cfg.tracking.experiment or site
     tracking.configure(cfg.tracking.uri, cfg.paths.root_dir, experiment)
     tags = OmegaConf.to_container(cfg.tags) if cfg.tags else None
     run_ids = list(cfg.run_ids) if cfg.run_ids else None
     sel = Selection(
-        site=cfg.site,
+        site=site,
         experiment=experiment,
-        reward=cfg.reward,
+        reward=reward,
         parent_run_id=cfg.parent_run_id,
         tags=tags,
         run_ids=run_ids,

@@ -93,3 +93,26 @@ def test_empty_selection_is_a_clear_error(store) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlruns/mlflow.db")
     with pytest.raises(compare.SelectionError, match="no finished run"):
         compare.select_runs(MlflowClient(), compare.Selection(site="tiny", reward="nonexistent"))
+
+
+def test_command_line_selects_by_site_and_reward_presets(store) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = dict(os.environ, PVBESS_ROOT=str(store), CITYLEARN_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvbess.compare", "site=tiny", "reward=balanced"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CO2 [t/yr]" in proc.stdout and "uncontrolled" in proc.stdout
+    reports = list((store / "reports" / "tiny").glob("*/comparison.md"))
+    assert len(reports) == 1
