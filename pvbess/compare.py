@@ -300,7 +300,7 @@ def compare(sel: Selection, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     shown = display_frame(t)
     t.to_csv(out_dir / "comparison.csv", index=False)
     (out_dir / "comparison.md").write_text(
-        shown.to_markdown(index=False)
+        shown.to_markdown(index=False, floatfmt=",.3f")
         + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
         + "\n"
     )
