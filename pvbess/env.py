@@ -40,6 +40,7 @@ RECORD_FIELDS = (
     "grid_import_kwh",
     "pv_curtailed_kwh",
     "pv_used_kwh",
+    "bess_export_kwh",
     "solar_direct_kwh",
     "co2_kg",
     "cost",
@@ -152,13 +153,20 @@ def step_flows(
     carbon_kg_per_kwh: float,
     price_per_kwh: float,
 ) -> dict[str, Quantity]:
-    """Grid import, curtailment, PV use, CO2 and cost of a step from its balance (vectorised)."""
+    """Grid import, curtailment, PV use, CO2 and cost of a step from its balance (vectorised).
+
+    The island grid takes no export: what the site pushes out is lost. Up to the
+    step's PV it is curtailed PV; beyond that it is battery energy discharged
+    with nothing to supply (``bess_export_kwh``), which CityLearn allows.
+    """
     grid_import = np.maximum(net_kwh, 0.0)
-    curtailed = np.maximum(-net_kwh, 0.0)  # island grid: export earns nothing, it is curtailment
+    export = np.maximum(-net_kwh, 0.0)
+    curtailed = np.minimum(export, pv_kwh)
     return {
         "grid_import_kwh": grid_import,
         "pv_curtailed_kwh": curtailed,
         "pv_used_kwh": pv_kwh - curtailed,
+        "bess_export_kwh": export - curtailed,
         "solar_direct_kwh": np.minimum(pv_kwh, load_kwh + ev_charging_kwh),
         "co2_kg": grid_import * carbon_kg_per_kwh,
         "cost": grid_import * price_per_kwh,

@@ -15,9 +15,10 @@ STEP_HOURS = 1.0
 
 
 def energy_balance_residual_kwh(ts: pd.DataFrame) -> np.ndarray:
-    """Per step: (PV used + import + battery discharge) - (load + EV + battery charge) [kWh]."""
+    """Per step: (PV used + import + battery discharge)
+    - (load + EV + battery charge + battery energy lost to the grid) [kWh]."""
     supply = ts["pv_used_kwh"] + ts["grid_import_kwh"] + ts["bess_discharge_kwh"]
-    demand = ts["load_kwh"] + ts["ev_charging_kwh"] + ts["bess_charge_kwh"]
+    demand = ts["load_kwh"] + ts["ev_charging_kwh"] + ts["bess_charge_kwh"] + ts["bess_export_kwh"]
     return (supply - demand).to_numpy()
 
 
@@ -25,7 +26,7 @@ def check_energy_balance(ts: pd.DataFrame, rel_tol: float = 1e-6) -> float:
     """Raise if any step's balance is off by more than rel_tol of its throughput; return the max."""
     residual = np.abs(energy_balance_residual_kwh(ts))
     scale = (ts["load_kwh"] + ts["ev_charging_kwh"] + ts["bess_charge_kwh"]).to_numpy()
-    scale = np.maximum(scale, 1.0)
+    scale = np.maximum(scale + ts["bess_export_kwh"].to_numpy(), 1.0)
     bad = np.flatnonzero(residual > rel_tol * scale)
     if bad.size:
         i = bad[0]
@@ -52,6 +53,7 @@ def compute(ts: pd.DataFrame, usable_capacity_kwh: float) -> dict[str, float]:
         "pv_generation_kwh": pv,
         "pv_used_kwh": pv_used,
         "pv_curtailed_kwh": float(ts["pv_curtailed_kwh"].sum()),
+        "bess_export_kwh": float(ts["bess_export_kwh"].sum()),
         "solar_self_consumption_ratio": pv_used / pv if pv > 0 else float("nan"),
         "solar_direct_kwh": float(ts["solar_direct_kwh"].sum()),
         "ev_energy_kwh": float(ts["ev_charging_kwh"].sum()),

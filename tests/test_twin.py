@@ -26,7 +26,7 @@ from stable_baselines3 import PPO
 
 from pvbess import config, dataset, evaluation, kpis
 from pvbess.config import ConfigError, RewardConfig, RewardWeights
-from pvbess.controllers import RuleBased, Uncontrolled
+from pvbess.controllers import Optimal, RuleBased, Uncontrolled
 from pvbess.env import SiteEnv
 from pvbess.twin import TwinData, TwinVecEnv
 
@@ -335,3 +335,27 @@ def test_parity_with_citylearn_full_year_iquitos(session_tmp: Path) -> None:
     reference = SiteEnv(ds, _reward())
     twin = SiteEnv(ds, _reward(), backend="twin")
     _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=1))
+
+
+@pytest.mark.slow
+def test_parity_full_year_128_sockets(session_tmp: Path) -> None:
+    cfg = compose_cfg(["site=iquitos_mall_128"], session_tmp)
+    ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
+    reference = SiteEnv(ds, _reward())
+    twin = SiteEnv(ds, _reward(), backend="twin")
+    _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("controller", [Uncontrolled, RuleBased, Optimal])
+def test_parity_full_year_iquitos_baselines(session_tmp: Path, controller) -> None:
+    """Each baseline's own actions over the whole Iquitos year, on both backends."""
+    cfg = compose_cfg(["site=iquitos_mall"], session_tmp)
+    ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
+    reference = SiteEnv(ds, _reward())
+    twin = SiteEnv(ds, _reward(), backend="twin")
+    ref_ts = evaluation.rollout(reference, controller(reference), seed=0, progress=False)
+    twin_ts = evaluation.rollout(twin, controller(twin), seed=0, progress=False)
+    assert_parity(
+        {c: ref_ts[c].to_numpy() for c in ref_ts}, {c: twin_ts[c].to_numpy() for c in twin_ts}
+    )
