@@ -328,32 +328,25 @@ def test_twin_refuses_physics_it_does_not_simulate(schema_copy, edit, what: str)
 # -- the whole year -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_parity_with_citylearn_full_year_iquitos(session_tmp: Path) -> None:
-    cfg = compose_cfg(["site=iquitos_mall"], session_tmp)
+def _full_year_envs(session_tmp: Path, site: str) -> tuple[SiteEnv, SiteEnv]:
+    """(CityLearn, twin) envs of one site preset's whole year."""
+    cfg = compose_cfg([f"site={site}"], session_tmp)
     ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
-    reference = SiteEnv(ds, _reward())
-    twin = SiteEnv(ds, _reward(), backend="twin")
-    _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=1))
+    return SiteEnv(ds, _reward()), SiteEnv(ds, _reward(), backend="twin")
 
 
 @pytest.mark.slow
-def test_parity_full_year_128_sockets(session_tmp: Path) -> None:
-    cfg = compose_cfg(["site=iquitos_mall_128"], session_tmp)
-    ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
-    reference = SiteEnv(ds, _reward())
-    twin = SiteEnv(ds, _reward(), backend="twin")
-    _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=2))
+@pytest.mark.parametrize(("site", "seed"), [("iquitos_mall", 1), ("iquitos_mall_128", 2)])
+def test_parity_with_citylearn_full_year(session_tmp: Path, site: str, seed: int) -> None:
+    reference, twin = _full_year_envs(session_tmp, site)
+    _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=seed))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("controller", [Uncontrolled, RuleBased, Optimal])
 def test_parity_full_year_iquitos_baselines(session_tmp: Path, controller) -> None:
     """Each baseline's own actions over the whole Iquitos year, on both backends."""
-    cfg = compose_cfg(["site=iquitos_mall"], session_tmp)
-    ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
-    reference = SiteEnv(ds, _reward())
-    twin = SiteEnv(ds, _reward(), backend="twin")
+    reference, twin = _full_year_envs(session_tmp, "iquitos_mall")
     ref_ts = evaluation.rollout(reference, controller(reference), seed=0, progress=False)
     twin_ts = evaluation.rollout(twin, controller(twin), seed=0, progress=False)
     assert_parity(
