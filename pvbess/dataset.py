@@ -63,7 +63,6 @@ class SiteDataset:
     """A built dataset on disk and what the pipeline needs to know about it."""
 
     root: Path
-    schema_path: Path
     data_hash: str
     site: SiteConfig
     index: pd.DatetimeIndex
@@ -71,6 +70,11 @@ class SiteDataset:
     sessions: pd.DataFrame
     sockets: list[tuple[str, str]]
     summary: dict[str, Any]
+
+    @property
+    def schema_path(self) -> Path:
+        """The CityLearn schema of this dataset (derived from its folder)."""
+        return self.root / "schema.json"
 
     @property
     def n_sockets(self) -> int:
@@ -416,7 +420,6 @@ def _load(site: SiteConfig, root: Path, index: pd.DatetimeIndex, digest: str) ->
         warnings.warn(message, PlausibilityWarning, stacklevel=3)
     return SiteDataset(
         root=root,
-        schema_path=root / "schema.json",
         data_hash=digest,
         site=site,
         index=index,
@@ -496,7 +499,6 @@ def build(site: SiteConfig, data_dir: str | Path, force: bool = False) -> SiteDa
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
     return SiteDataset(
         root=root,
-        schema_path=root / "schema.json",
         data_hash=digest,
         site=site,
         index=index,

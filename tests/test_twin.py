@@ -285,7 +285,6 @@ def schema_copy(tiny_dataset, tmp_path: Path) -> Iterator[tuple[dataset.SiteData
     shutil.copytree(tiny_dataset.root, root)
     schema = json.loads((root / "schema.json").read_text())
     copy = dataset.SiteDataset(**{**tiny_dataset.__dict__, "root": root})
-    copy.schema_path = root / "schema.json"
     yield copy, schema
 
 
