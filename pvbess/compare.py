@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pvbess import config, tracking
+from pvbess.checks import CHECK_TAG
+from pvbess.reward import COMPONENTS
 
 log = logging.getLogger(__name__)
 config.register()
@@ -89,90 +91,218 @@ def select_runs(client: MlflowClient, sel: Selection) -> list[Run]:
     return runs
 
 
+# What defines an experiment, except the seed: runs equal in all of these are seeds
+# of one row; any difference makes another row.
+GROUP_KEYS = ["agent", "reward", "reward_config", "hparams", "site_data", "budget", "env"]
+
+
+def _weights(params: dict[str, str]) -> dict[str, float]:
+    return {c: float(params.get(f"reward.weights.{c}", "nan")) for c in COMPONENTS}
+
+
+def objective(metrics: dict[str, float], weights: dict[str, float]) -> float:
+    """The preset's objective J of an evaluation under ``weights``: minus the summed
+    weighted reward [-] (what the LP minimises; lower is better).
+
+    The reward is linear in its weights and each component's episode mean is logged
+    (``eval/reward_<c>_mean``), so J can be recomputed under another preset's weights
+    for a run whose actions do not depend on them (``uncontrolled``).
+    """
+    hours = metrics.get("eval/hours", HOURS_PER_YEAR)
+    return -hours * sum(w * metrics[f"eval/reward_{c}_mean"] for c, w in weights.items())
+
+
 def runs_frame(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: its tags and eval KPIs, per year where that makes sense."""
+    """One row per run: what defines its experiment, its eval KPIs (per year where that
+    makes sense) and its objective J."""
     rows = []
     for r in runs:
-        m = r.data.metrics
+        m, tags, params = r.data.metrics, r.data.tags, r.data.params
         years = m.get("eval/hours", HOURS_PER_YEAR) / HOURS_PER_YEAR
+        train_steps = m.get("time/train_steps", 0.0)
+        learned = train_steps > 0
+        weights = _weights(params)
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
-            "agent": r.data.tags.get("agent", "?"),
-            "reward": r.data.tags.get("reward", "?"),
-            "seed": r.data.tags.get("seed", "?"),
+            "agent": tags.get("agent", "?"),
+            "reward": tags.get("reward", "?"),
+            "reward_config": tracking.params_digest(params, "reward."),
+            "hparams": tracking.params_digest(params, "agent."),
+            "site_data": tags.get("site_data_hash", "?"),
+            # The training budget asked for; a controller trains nothing, and its
+            # result does not depend on a training env it never used.
+            "budget": int(params.get("total_timesteps", 0)) if learned else 0,
+            "env": f"{tags.get('env_backend', '?')}x{tags.get('env_n_envs', '?')}"
+            if learned
+            else "-",
+            "seed": tags.get("seed", "?"),
+            "peak_threshold_frac": params.get("reward.peak_threshold_frac", "?"),
+            "weights": weights,
+            "checks_failed": tags.get(CHECK_TAG, ""),
             "co2_t_per_yr": m["eval/co2_kg"] / 1e3 / years,
-            "train_steps": m.get("time/train_steps", float("nan")),
-            "wall_s": m.get("time/train_seconds", float("nan")) + m.get("time/eval_seconds", 0.0),
+            "objective": objective(m, weights),
+            "components": {c: m.get(f"eval/reward_{c}_mean", math.nan) for c in COMPONENTS},
+            "hours": m.get("eval/hours", HOURS_PER_YEAR),
+            "train_steps": train_steps,
+            "wall_s": m.get("time/train_seconds", math.nan) + m.get("time/eval_seconds", 0.0),
         }
         for _, key, _ in COLUMNS:
-            value = m.get(f"eval/{key}", float("nan"))
+            value = m.get(f"eval/{key}", math.nan)
             row[key] = value / years if key in PER_YEAR else value
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _reference(groups: pd.DataFrame, agent: str, reward: str) -> float | None:
-    """Mean CO2 of a reference controller: same reward preset first, else any (uncontrolled)."""
-    same = groups[(groups.agent == agent) & (groups.reward == reward)]
+def _baseline_objective(frame: pd.DataFrame, row: Any) -> float | None:
+    """J of the uncontrolled site under ``row``'s reward: a run with the same reward
+    config, else J recomputed from any uncontrolled run's components on the same data."""
+    base = frame[(frame.agent == BASELINE) & (frame.site_data == row.site_data)]
+    same = base[base.reward_config == row.reward_config]
     if len(same):
-        return float(same.co2_mean.iloc[0])
-    if agent == BASELINE:  # no control: its CO2 does not depend on the reward weights
-        anyr = groups[groups.agent == agent]
-        if len(anyr):
-            return float(anyr.co2_mean.iloc[0])
-    return None
+        return float(same.objective.mean())
+    comparable = base[base.peak_threshold_frac == row.peak_threshold_frac]
+    if not len(comparable):
+        return None
+    weights = frame.loc[frame.reward_config == row.reward_config, "weights"].iloc[0]
+    return float(
+        np.mean(
+            [
+                objective(
+                    {"eval/hours": h} | {f"eval/reward_{c}_mean": v for c, v in comp.items()},
+                    weights,
+                )
+                for h, comp in zip(comparable.hours, comparable.components, strict=True)
+            ]
+        )
+    )
+
+
+def _reference_kpis(frame: pd.DataFrame, site_data: str) -> pd.Series | None:
+    """The uncontrolled site's KPIs on the same data (mean over its runs)."""
+    base = frame[(frame.agent == BASELINE) & (frame.site_data == site_data)]
+    if not len(base):
+        return None
+    return base[["co2_t_per_yr", "cost", "peak_import_kw", "ev_unmet_kwh"]].mean()
 
 
 def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Group by (agent, reward) over seeds; add the comparisons; return it and notes."""
-    numeric = ["co2_t_per_yr", "train_steps", "wall_s"] + [k for _, k, _ in COLUMNS]
-    g = frame.groupby(["agent", "reward"], sort=True)
+    """One row per experiment (GROUP_KEYS) over its seeds, with the comparisons; and notes.
+
+    The headline is the share of the optimum's improvement in the reward preset's own
+    objective: (J_uncontrolled - J) / (J_uncontrolled - J_optimal), J the evaluation's
+    summed weighted reward with its sign flipped, all on the same site data.
+    """
+    numeric = ["co2_t_per_yr", "objective", "train_steps", "wall_s"] + [k for _, k, _ in COLUMNS]
+    g = frame.groupby(GROUP_KEYS, sort=True)
     out = g[numeric].mean()
     out["co2_mean"] = out["co2_t_per_yr"]
     out["co2_std"] = g["co2_t_per_yr"].std(ddof=0)
+    out["objective_std"] = g["objective"].std(ddof=0)
     out["seeds"] = g.size()
+    out["checks_failed"] = g["checks_failed"].agg(
+        lambda v: ",".join(sorted({c for x in v for c in x.split(",") if c}))
+    )
     out = out.reset_index()
+    first = frame.groupby(GROUP_KEYS, sort=True).first().reset_index()
+    out["peak_threshold_frac"] = first["peak_threshold_frac"]
     notes = []
     if not (out.agent == BASELINE).any():
         notes.append(
             f"No '{BASELINE}' run for this selection: run "
-            f"`python -m pvbess.train agent={BASELINE}`; the '% vs {BASELINE}' column is empty."
+            f"`python -m pvbess.train agent={BASELINE}`; the columns vs {BASELINE} and the "
+            "share of the optimum are empty."
         )
     if not (out.agent == OPTIMUM).any():
         notes.append(
             f"No '{OPTIMUM}' run for this selection: run "
-            f"`python -m pvbess.train agent={OPTIMUM}`; the '% of optimum' column is empty."
+            f"`python -m pvbess.train agent={OPTIMUM} reward=<preset>`; the share of the "
+            "optimum is empty."
         )
-    change, share = [], []
+    if out.site_data.nunique() > 1:
+        notes.append(
+            f"{out.site_data.nunique()} different site datasets: rows are compared only with "
+            "the baselines on their own data (column 'site data')."
+        )
+    share, d_co2, d_cost, d_peak, d_unmet = [], [], [], [], []
     for row in out.itertuples():
-        base = _reference(out, BASELINE, row.reward)
-        best = _reference(out, OPTIMUM, row.reward)
-        change.append(100.0 * (row.co2_mean - base) / base if base else float("nan"))
-        gap = (base - best) if (base is not None and best is not None) else None
-        share.append(100.0 * (base - row.co2_mean) / gap if gap else float("nan"))
-    out["co2_change_vs_uncontrolled_pct"] = change
-    out["share_of_optimum_reduction_pct"] = share
-    return out.sort_values(["reward", "co2_mean"]).reset_index(drop=True), notes
+        base_j = _baseline_objective(frame, row)
+        opt = out[
+            (out.agent == OPTIMUM)
+            & (out.site_data == row.site_data)
+            & (out.reward_config == row.reward_config)
+        ]
+        gain = None if base_j is None or not len(opt) else base_j - float(opt.objective.iloc[0])
+        share.append(100.0 * (base_j - row.objective) / gain if gain else math.nan)
+        ref = _reference_kpis(frame, row.site_data)
+        if ref is None:
+            d_co2.append(math.nan), d_cost.append(math.nan), d_peak.append(math.nan)
+            d_unmet.append(math.nan)
+            continue
+        d_co2.append(_pct(row.co2_mean, ref.co2_t_per_yr))
+        d_cost.append(_pct(row.cost, ref.cost))
+        d_peak.append(_pct(row.peak_import_kw, ref.peak_import_kw))
+        d_unmet.append(row.ev_unmet_kwh - ref.ev_unmet_kwh)
+    out["share_of_optimum_pct"] = share
+    out["co2_change_vs_uncontrolled_pct"] = d_co2
+    out["cost_change_vs_uncontrolled_pct"] = d_cost
+    out["peak_change_vs_uncontrolled_pct"] = d_peak
+    out["ev_unmet_change_vs_uncontrolled_kwh"] = d_unmet
+    failed = out[out.checks_failed != ""]
+    for row in failed.itertuples():
+        notes.append(
+            f"{row.agent}/{row.reward}: check failed ({row.checks_failed}); see README, "
+            "'Checks that act'. Its figures are marked with '!'."
+        )
+    out["label"] = _labels(out)
+    out = out.sort_values(["reward", "site_data", "objective"]).reset_index(drop=True)
+    return out, notes
+
+
+def _pct(value: float, ref: float) -> float:
+    return 100.0 * (value - ref) / ref if ref else math.nan
+
+
+def _labels(t: pd.DataFrame) -> list[str]:
+    """'agent/reward', plus what tells apart rows that share it."""
+    base = [f"{a}/{r}" for a, r in zip(t.agent, t.reward, strict=True)]
+    labels = []
+    for i, name in enumerate(base):
+        same = [j for j, n in enumerate(base) if n == name]
+        extra = []
+        if len(same) > 1:
+            for key in ("hparams", "budget", "env", "site_data", "reward_config"):
+                if t[key].iloc[same].nunique() > 1:
+                    extra.append(f"{key}={t[key].iloc[i]}")
+        labels.append(name + (f" [{' '.join(extra)}]" if extra else ""))
+    return labels
 
 
 def display_frame(t: pd.DataFrame) -> pd.DataFrame:
     """The table with human column titles and units."""
+    mark = ["!" if c else "" for c in t.checks_failed]
     shown = pd.DataFrame(
         {
-            "agent": t.agent,
+            "agent": [a + m for a, m in zip(t.agent, mark, strict=True)],
             "reward": t.reward,
+            "hparams": t.hparams,
+            "site data": t.site_data,
+            "budget [steps]": t.budget,
+            "env": t.env,
             "seeds": t.seeds,
+            "of optimum's gain [%]": t.share_of_optimum_pct.round(1),
             "CO2 [t/yr]": [
                 f"{m:,.1f} ± {s:,.1f}" for m, s in zip(t.co2_mean, t.co2_std, strict=True)
             ],
-            "vs uncontrolled [%]": t.co2_change_vs_uncontrolled_pct.round(2),
-            "of optimum's reduction [%]": t.share_of_optimum_reduction_pct.round(1),
+            "Δ CO2 [%]": t.co2_change_vs_uncontrolled_pct.round(2),
+            "Δ cost [%]": t.cost_change_vs_uncontrolled_pct.round(2),
+            "Δ peak import [%]": t.peak_change_vs_uncontrolled_pct.round(2),
+            "Δ EV unmet [kWh/yr]": t.ev_unmet_change_vs_uncontrolled_kwh.round(3),
         }
     )
     for title, key, scale in COLUMNS:
         shown[title] = (t[key] * scale).round(3)
-    shown["training steps"] = t.train_steps
     shown["wall time [s]"] = t.wall_s.round(1)
+    shown["checks failed"] = t.checks_failed
     return shown
 
 
@@ -186,14 +316,22 @@ def _timeseries(client: MlflowClient, run_id: str) -> pd.DataFrame:
     return ts
 
 
+def _members(frame: pd.DataFrame, group: Any) -> pd.DataFrame:
+    """The runs (seeds) of one row of the table."""
+    mask = np.ones(len(frame), dtype=bool)
+    for key in GROUP_KEYS:
+        mask &= (frame[key] == getattr(group, key)).to_numpy()
+    return frame[mask]
+
+
 def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path) -> list[Path]:
     """CO2 bars with seed spread, monthly CO2, a typical day, learning curves."""
     files = []
-    labels = [f"{a}\n{r}" for a, r in zip(t.agent, t.reward, strict=True)]
+    labels = [label.replace("/", "\n", 1) for label in t.label]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(t)), 4.5))
     ax.bar(range(len(t)), t.co2_mean, yerr=t.co2_std.fillna(0), capsize=4, color="tab:gray")
     for i, row in enumerate(t.itertuples()):
-        seeds = frame[(frame.agent == row.agent) & (frame.reward == row.reward)].co2_t_per_yr
+        seeds = _members(frame, row).co2_t_per_yr
         ax.plot([i] * len(seeds), seeds, "k.", ms=5)
     ax.set_xticks(range(len(t)), labels, fontsize=8)
     ax.set(
@@ -206,8 +344,10 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    first = frame.sort_values("seed").groupby(["agent", "reward"]).first().reset_index()
-    series = {f"{r.agent}/{r.reward}": _timeseries(client, r.run_id) for r in first.itertuples()}
+    series = {
+        row.label: _timeseries(client, _members(frame, row).sort_values("seed").run_id.iloc[0])
+        for row in t.itertuples()
+    }
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, ts in series.items():
         monthly = ts["co2_kg"].resample("MS").sum() / 1e3
@@ -242,26 +382,21 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
-    learners = frame[frame.train_steps > 0]
+    learners = t[t.train_steps > 0]
     if len(learners):
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        colors = {
-            key: f"C{i % 10}"
-            for i, key in enumerate(sorted(set(zip(learners.agent, learners.reward, strict=True))))
-        }
-        for (agent, reward), grp in learners.groupby(["agent", "reward"]):
-            for k, row in enumerate(grp.itertuples()):
+        for i, group in enumerate(learners.itertuples()):
+            for k, row in enumerate(_members(frame, group).itertuples()):
                 hist = client.get_metric_history(row.run_id, LEARNING_CURVE_METRIC)
                 if not hist:
                     continue
-                hours = client.get_run(row.run_id).data.metrics.get("eval/hours", HOURS_PER_YEAR)
                 ax.plot(
                     [h.step for h in hist],
-                    [h.value / 1e3 * HOURS_PER_YEAR / hours for h in hist],
+                    [h.value / 1e3 * HOURS_PER_YEAR / row.hours for h in hist],
                     ".-",
-                    color=colors[(agent, reward)],
+                    color=f"C{i % 10}",
                     alpha=0.8,
-                    label=f"{agent}/{reward}" if k == 0 else None,
+                    label=group.label if k == 0 else None,
                 )
         base = t[t.agent == BASELINE].co2_mean
         if len(base):
@@ -320,18 +455,37 @@ def compare(sel: Selection, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return shown, notes
 
 
+# The terminal shows what decides; comparison.md and .csv hold every column.
+TERMINAL_COLUMNS = [
+    "agent",
+    "reward",
+    "hparams",
+    "budget [steps]",
+    "env",
+    "seeds",
+    "of optimum's gain [%]",
+    "CO2 [t/yr]",
+    "Δ CO2 [%]",
+    "Δ cost [%]",
+    "Δ peak import [%]",
+    "Δ EV unmet [kWh/yr]",
+    "checks failed",
+]
+
+
 def print_table(shown: pd.DataFrame, notes: list[str]) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    table_ = Table(title="Controllers compared (mean over seeds)")
-    for col in shown.columns:
+    table_ = Table(title="Controllers compared (mean over seeds; every column in comparison.md)")
+    columns = [c for c in TERMINAL_COLUMNS if c in shown.columns]
+    for col in columns:
         # Units in brackets ([t/yr]) are not rich markup: escape them.
         table_.add_column(
             escape(str(col)), justify="left" if col in ("agent", "reward") else "right"
         )
-    for row in shown.itertuples(index=False):
+    for row in shown[columns].itertuples(index=False):
         table_.add_row(
             *["" if isinstance(v, float) and math.isnan(v) else escape(str(v)) for v in row]
         )

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,7 +170,26 @@ def log_config(cfg: DictConfig) -> None:
     items = sorted(params.items())
     for i in range(0, len(items), MAX_PARAMS_PER_CALL):
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_CALL]))
+    mlflow.set_tags(
+        {
+            "agent_hparams": params_digest(params, "agent."),
+            "reward_config": params_digest(params, "reward."),
+        }
+    )
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def params_digest(params: dict[str, str], prefix: str) -> str:
+    """A short hash of the logged params under ``prefix`` (e.g. the agent's resolved
+    hyperparameters): runs that differ in any of them get different digests.
+
+    Computed from the params as MLflow stores them, so ``pvbess.compare`` can
+    recompute it for any run, tagged or not.
+    """
+    import hashlib
+
+    text = "\n".join(f"{k}={v}" for k, v in sorted(params.items()) if k.startswith(prefix))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def git_commit(root_dir: str | Path) -> str:
@@ -228,7 +248,9 @@ def start_run(
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             if not interrupted:
+                # The tag is the one-line message; the artifact keeps the traceback.
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+                mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
             mlflow.end_run(status="KILLED" if interrupted else "FAILED")
             if interrupted:
                 log.warning(
@@ -273,20 +295,33 @@ class MetricBuffer:
     def __init__(self, after_step: int = -1) -> None:
         self._pending: list[tuple[dict[str, float], int]] = []
         self.after_step = after_step
+        # The last step each key was written at: a key given again at a step already
+        # written (after a checkpoint's flush at that step) is not written twice.
+        self._written: dict[str, int] = {}
 
     def add(self, metrics: dict[str, float], step: int) -> None:
-        if metrics and step > self.after_step:
-            self._pending.append((metrics, int(step)))
+        """Queue metrics at ``step``; a key given twice at one step keeps its last value.
+
+        SB3's off-policy loop dumps its logger once per finished episode, i.e. n
+        times at one step when n copies end together: each key is logged once.
+        """
+        if not metrics or step <= self.after_step:
+            return
+        if self._pending and self._pending[-1][1] == int(step):
+            self._pending[-1][0].update(metrics)
+        else:
+            self._pending.append((dict(metrics), int(step)))
 
     def flush(self) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
-            Metric(key, float(value), now, step)
-            for metrics, step in self._pending
-            for key, value in metrics.items()
-        ]
+        batch = []
+        for metrics, step in self._pending:
+            for key, value in metrics.items():
+                if self._written.get(key, -1) < step:
+                    batch.append(Metric(key, float(value), now, step))
+                    self._written[key] = step
         run = mlflow.active_run()
         if batch and run is not None:
             client = MlflowClient()
@@ -327,7 +362,13 @@ def sb3_logger(buffer: MetricBuffer, verbose: bool = False) -> Logger:
 
 
 class EpisodeMetricsCallback(BaseCallback):
-    """Logs each finished episode's return and reward components (summed over the episode)."""
+    """Logs the episodes that end at a step: return and reward components (summed over
+    the episode), one value per metric and step.
+
+    With n copies (``env.n_envs``) several episodes end at the same step (all of them,
+    on the twin's lockstep copies): the metric is their mean, with ``_min`` and ``_max``
+    beside it, never one value per copy (MLflow would show the last or the largest).
+    """
 
     def __init__(self, buffer: MetricBuffer) -> None:
         super().__init__()
@@ -336,17 +377,32 @@ class EpisodeMetricsCallback(BaseCallback):
     def _on_step(self) -> bool:
         infos = self.locals.get("infos", [])
         dones = self.locals.get("dones", [])
+        ended: dict[str, list[float]] = {}
         for info, done in zip(infos, dones, strict=False):
             if not done:
                 continue
-            metrics = {}
+            values = {}
             if "episode" in info:
-                metrics["episode/return"] = float(info["episode"]["r"])
-                metrics["episode/length"] = float(info["episode"]["l"])
+                values["episode/return"] = float(info["episode"]["r"])
+                values["episode/length"] = float(info["episode"]["l"])
             for k, v in info.get("episode_components", {}).items():
-                metrics[f"episode/reward_{k}"] = float(v)
-            self.buffer.add(metrics, self.num_timesteps)
+                values[f"episode/reward_{k}"] = float(v)
+            for key, value in values.items():
+                ended.setdefault(key, []).append(value)
+        if ended:
+            self.buffer.add(aggregate_episodes(ended), self.num_timesteps)
         return True
+
+
+def aggregate_episodes(ended: dict[str, list[float]]) -> dict[str, float]:
+    """{key: values of the copies} -> key (mean), key_min, key_max, and episode/count."""
+    out: dict[str, float] = {}
+    for key, values in ended.items():
+        out[key] = float(np.mean(values))
+        out[f"{key}_min"] = float(np.min(values))
+        out[f"{key}_max"] = float(np.max(values))
+    out["episode/count"] = float(max(len(v) for v in ended.values()))
+    return out
 
 
 def log_model(model: Any, name: str = "model") -> None:

@@ -41,7 +41,6 @@ USER_ERRORS = (
     ("pvbess.timeseries_io", "DataError"),
     ("pvbess.checkpoints", "CheckpointError"),
     ("pvbess.tracking", "TrackingError"),
-    ("mlflow.exceptions", "MlflowException"),
 )
 
 
@@ -95,7 +94,7 @@ def run_experiment(
     import mlflow
     from hydra.utils import get_class, instantiate
 
-    from pvbess import checkpoints, evaluation, tracking
+    from pvbess import checkpoints, checks, evaluation, tracking
     from pvbess.env import agent_envs
 
     name = agent_name(cfg)
@@ -124,10 +123,14 @@ def run_experiment(
     start = time.perf_counter()
     result = evaluation.evaluate(eval_env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
     mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
+    checked = {f"eval/{k}": v for k, v in result.kpis.items()}
     if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps
-        mlflow.log_metrics(model.metrics(result.timeseries))
+        controller_metrics = model.metrics(result.timeseries)
+        mlflow.log_metrics(controller_metrics)
+        checked |= controller_metrics
     title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
     log_evaluation(result, out_dir, title=title)
+    checks.act(checked)
     return result.kpis
 
 

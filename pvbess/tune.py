@@ -57,7 +57,9 @@ from hydra.core.override_parser.types import (
     Override,
     RangeSweep,
 )
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -233,7 +235,7 @@ def load_search(name: str, tune_overrides: list[str]) -> SearchConfig:
             OmegaConf.from_dotlist(tune_overrides),
         )
         search = OmegaConf.to_object(merged)
-    except Exception as exc:  # omegaconf's errors name the key
+    except OmegaConfBaseException as exc:  # omegaconf's errors name the key
         raise TuneError(f"{path.name} / tune.*: {exc}") from exc
     assert isinstance(search, SearchConfig)
     search.check()
@@ -281,7 +283,7 @@ def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
         # One trial's config, at the low end of every dimension: keys exist, values check.
         low = [d.override(_low(d.distribution)) for d in dims.values()]
         config.validate(compose_train([*fixed, *low, "paths.output_dir=/nonexistent"]))
-    except Exception as exc:
+    except (HydraException, OmegaConfBaseException, config.ConfigError) as exc:
         raise TuneError(f"the trials' config does not compose: {exc}") from exc
     return Plan(name, search, dims, fixed, cfg, root, study_dir, list(argv))
 

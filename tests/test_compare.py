@@ -4,65 +4,135 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pvbess import compare, tracking, train
+from pvbess.checks import CHECK_TAG
 
 from .conftest import compose_cfg
+
+PPO = ["agent=ppo", "total_timesteps=64", "agent.n_steps=32"]
+RUNS = {
+    "ppo_s0": [*PPO, "seed=0"],
+    "ppo_s1": [*PPO, "seed=1"],
+    "ppo_lr": [*PPO, "seed=0", "agent.learning_rate=0.001"],
+    "ppo_budget": ["agent=ppo", "total_timesteps=128", "agent.n_steps=32", "seed=0"],
+    "ppo_cost": [*PPO, "seed=0", "reward=cost_heavy"],
+    "uncontrolled": ["agent=uncontrolled"],
+    "uncontrolled_cost": ["agent=uncontrolled", "reward=cost_heavy"],
+    "optimal": ["agent=optimal"],
+    "optimal_cost": ["agent=optimal", "reward=cost_heavy"],
+}
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    runs = [
-        ["agent=ppo", "seed=0"],
-        ["agent=ppo", "seed=1"],
-        ["agent=uncontrolled"],
-        ["agent=optimal"],
-    ]
-    for k, overrides in enumerate(runs):
-        cfg = compose_cfg(
-            [
-                "site=tiny",
-                "total_timesteps=64",
-                "agent.n_steps=32" if "agent=ppo" in overrides else "seed=0",
-                *overrides,
-            ],
-            root,
-        )
+    for k, (name, overrides) in enumerate(RUNS.items()):
+        cfg = compose_cfg(["site=tiny", *overrides, f"tracking.run_name={name}"], root)
         cfg.paths.output_dir = str(root / f"out{k}")
         train.train(cfg)
     tracking.configure(None, root, "tiny")
     return root
 
 
-def test_table_matches_runs_and_groups_seeds(store) -> None:
+def _runs(client: MlflowClient) -> dict[str, Run]:
+    exp = client.get_experiment_by_name("tiny")
+    found = client.search_runs([exp.experiment_id])
+    return {r.info.run_name: r for r in found if r.info.run_name in RUNS}
+
+
+def _objective(run: Run) -> float:
+    """J by hand: minus the evaluation's summed reward."""
+    m = run.data.metrics
+    return -m["eval/reward_total_mean"] * m["eval/hours"]
+
+
+def _row(t, **where):
+    mask = True
+    for key, value in where.items():
+        mask = mask & (t[key] == value)
+    rows = t[mask]
+    assert len(rows) == 1, (where, t[list(compare.GROUP_KEYS)])
+    return rows.iloc[0]
+
+
+def test_rows_are_experiments_and_only_seeds_are_pooled(store) -> None:
     client = MlflowClient()
-    shown, notes = compare.compare(compare.Selection(site="tiny"), store / "report")
-    assert notes == []
-    assert len(shown) == 3 and "CO2 [t/yr]" in shown.columns
-    frame = compare.runs_frame(compare.select_runs(client, compare.Selection(site="tiny")))
-    t, _ = compare.table(frame)
-    assert set(t.agent) == {"ppo", "uncontrolled", "optimal"}
-    ppo = t[t.agent == "ppo"].iloc[0]
-    assert ppo.seeds == 2
-    # Figures equal the runs' own metrics (tiny = one week: per year = x 52.14).
-    runs = client.search_runs(
-        [client.get_experiment_by_name("tiny").experiment_id], "tags.agent = 'ppo'"
-    )
+    t, _ = compare.table(compare.runs_frame(compare.select_runs(client, compare.Selection("tiny"))))
+    ppo = t[(t.agent == "ppo") & (t.reward == "balanced")]
+    # seeds 0 and 1 pooled; another learning rate and another budget are rows of their own.
+    assert sorted(ppo.seeds) == [1, 1, 2]
+    assert ppo.hparams.nunique() == 2 and ppo.budget.nunique() == 2
+    runs = _runs(client)
+    pooled = _row(ppo, seeds=2)
     co2_t = [
-        r.data.metrics["eval/co2_kg"] / 1e3 * 8760 / r.data.metrics["eval/hours"] for r in runs
+        runs[n].data.metrics["eval/co2_kg"] / 1e3 * 8760 / runs[n].data.metrics["eval/hours"]
+        for n in ("ppo_s0", "ppo_s1")
     ]
-    assert ppo.co2_mean == pytest.approx(sum(co2_t) / 2)
-    assert ppo.co2_std == pytest.approx(abs(co2_t[0] - co2_t[1]) / 2)
-    base = t[t.agent == "uncontrolled"].co2_mean.iloc[0]
-    best = t[t.agent == "optimal"].co2_mean.iloc[0]
-    assert ppo.co2_change_vs_uncontrolled_pct == pytest.approx(100 * (ppo.co2_mean - base) / base)
-    assert ppo.share_of_optimum_reduction_pct == pytest.approx(
-        100 * (base - ppo.co2_mean) / (base - best)
+    assert pooled.co2_mean == pytest.approx(sum(co2_t) / 2)
+    assert pooled.co2_std == pytest.approx(abs(co2_t[0] - co2_t[1]) / 2)
+    assert pooled.hparams == runs["ppo_s0"].data.tags["agent_hparams"]
+    assert pooled.env == "twinx8" and pooled.site_data == runs["ppo_s0"].data.tags["site_data_hash"]
+    # A controller's row does not depend on a training env it never used.
+    assert (t[t.agent != "ppo"].env == "-").all()
+
+
+def test_share_of_optimum_is_in_the_presets_own_objective(store) -> None:
+    client = MlflowClient()
+    runs = _runs(client)
+    t, notes = compare.table(
+        compare.runs_frame(compare.select_runs(client, compare.Selection("tiny")))
     )
-    opt = t[t.agent == "optimal"].iloc[0]
-    assert opt.share_of_optimum_reduction_pct == pytest.approx(100.0)
+    assert notes == []
+    cases = {
+        "balanced": ("uncontrolled", "optimal", ["ppo_s0", "ppo_s1"]),
+        "cost_heavy": ("uncontrolled_cost", "optimal_cost", ["ppo_cost"]),
+    }
+    for reward, (unc_name, opt_name, ppo_names) in cases.items():
+        base = _objective(runs[unc_name])
+        best = _objective(runs[opt_name])
+        assert best < base  # the optimum improves the objective
+        ppo = [runs[n] for n in ppo_names]
+        j = sum(_objective(r) for r in ppo) / len(ppo)
+        row = _row(
+            t, agent="ppo", reward=reward, budget=64, hparams=ppo[0].data.tags["agent_hparams"]
+        )
+        assert row.seeds == len(ppo)
+        assert row.objective == pytest.approx(j)
+        assert row.share_of_optimum_pct == pytest.approx(100 * (base - j) / (base - best))
+        assert _row(t, agent="optimal", reward=reward).share_of_optimum_pct == pytest.approx(100)
+        assert _row(t, agent="uncontrolled", reward=reward).share_of_optimum_pct == pytest.approx(0)
+        # Per-KPI changes vs. the uncontrolled site stand beside it.
+        unc = runs[unc_name].data.metrics
+        cost = sum(r.data.metrics["eval/cost"] for r in ppo) / len(ppo)
+        assert row.cost_change_vs_uncontrolled_pct == pytest.approx(
+            100 * (cost - unc["eval/cost"]) / unc["eval/cost"]
+        )
+
+
+def test_uncontrolled_objective_recomputed_under_another_presets_weights(store) -> None:
+    """The reward is linear in its weights: J of the uncontrolled run under cost_heavy,
+    recomputed from its balanced run's components, equals the cost_heavy run's own J."""
+    client = MlflowClient()
+    runs = _runs(client)
+    without = [r for n, r in runs.items() if n != "uncontrolled_cost"]
+    frame = compare.runs_frame(without)
+    t, _ = compare.table(frame)
+    row = _row(t, agent="optimal", reward="cost_heavy")
+    assert row.share_of_optimum_pct == pytest.approx(100)
+    recomputed = compare._baseline_objective(frame, row)
+    assert recomputed == pytest.approx(_objective(runs["uncontrolled_cost"]), rel=1e-9)
+
+
+def test_report_files_and_comparison_run(store) -> None:
+    client = MlflowClient()
+    shown, _ = compare.compare(compare.Selection(site="tiny"), store / "report")
+    assert "CO2 [t/yr]" in shown.columns and "of optimum's gain [%]" in shown.columns
+    for col in ("hparams", "site data", "budget [steps]", "env", "seeds", "Δ cost [%]"):
+        assert col in shown.columns, col
+    assert len(shown) == 8
     for f in (
         "comparison.csv",
         "comparison.md",
@@ -80,13 +150,26 @@ def test_table_matches_runs_and_groups_seeds(store) -> None:
     assert {"comparison.csv", "comparison.md", "co2_by_controller.png"} <= names
 
 
+def test_a_failed_check_marks_the_row(store) -> None:
+    client = MlflowClient()
+    runs = list(_runs(client).values())
+    victim = next(r for r in runs if r.info.run_name == "ppo_lr")
+    victim.data.tags[CHECK_TAG] = "co2_vs_citylearn"  # as checks.act tags a run
+    t, notes = compare.table(compare.runs_frame(runs))
+    row = _row(t, agent="ppo", hparams=victim.data.tags["agent_hparams"])
+    assert row.checks_failed == "co2_vs_citylearn"
+    assert any("co2_vs_citylearn" in n for n in notes)
+    shown = compare.display_frame(t)
+    assert (shown.agent == "ppo!").sum() == 1
+
+
 def test_missing_baselines_are_named_and_columns_left_empty(store) -> None:
     sel = compare.Selection(site="tiny", tags={"agent": "ppo"})
     frame = compare.runs_frame(compare.select_runs(MlflowClient(), sel))
     t, notes = compare.table(frame)
     assert any("uncontrolled" in n for n in notes) and any("optimal" in n for n in notes)
     assert t.co2_change_vs_uncontrolled_pct.isna().all()
-    assert t.share_of_optimum_reduction_pct.isna().all()
+    assert t.share_of_optimum_pct.isna().all()
 
 
 def test_empty_selection_is_a_clear_error(store) -> None:

@@ -116,7 +116,12 @@ def test_co2_agrees_with_citylearn(env: SiteEnv) -> None:
     result = evaluation.evaluate(env, Random(env.action_space, 3), seed=0, progress=False)
     k = result.kpis
     assert k["co2_kg"] > 0
-    assert k["co2_kg"] == pytest.approx(k["citylearn_co2_kg"], rel=1e-3)
+    # CityLearn keeps each step's emissions in float32: rounding allows eps/2 per step
+    # and the summation's error (pairwise, about log2(n) roundings), nothing more.
+    n = len(result.timeseries)
+    float32_rel = float(np.finfo(np.float32).eps) * (1 + np.log2(n))
+    assert k["co2_vs_citylearn_rel"] < float32_rel
+    assert k["co2_kg"] == pytest.approx(k["citylearn_co2_kg"], rel=float32_rel)
     assert "carbon_emissions_total" in result.citylearn_kpis
 
 

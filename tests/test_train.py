@@ -67,6 +67,22 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     ):
         assert key in m, key
     assert m["eval/co2_kg"] == pytest.approx(kpis["co2_kg"])
+    # 8 copies end their episodes at the same step: one value per metric and step,
+    # the mean over the copies with its min and max beside it.
+    for key in m:
+        logged = [h.step for h in client.get_metric_history(run.info.run_id, key)]
+        assert len(logged) == len(set(logged)), (key, logged)
+    for step_value in client.get_metric_history(run.info.run_id, "episode/return"):
+        at = {
+            k: next(
+                h.value
+                for h in client.get_metric_history(run.info.run_id, k)
+                if h.step == step_value.step
+            )
+            for k in ("episode/return_min", "episode/return_max", "episode/count")
+        }
+        assert at["episode/return_min"] <= step_value.value <= at["episode/return_max"]
+        assert at["episode/count"] == 8
     assert any(k.startswith("train/") for k in m), sorted(m)
     assert any(k.startswith("citylearn/") for k in m)
     # The learning curve: a deterministic evaluation every 700 training steps.
