@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install pvbess (idempotent; quick when nothing changed)
 
-run: install ## The main job: train PPO on the default site (iquitos_mall) for one simulated year, evaluate, log
+run: install ## The main job: train PPO on the default site (iquitos_mall) for ten simulated years on the twin, evaluate a year in CityLearn, log
 	$(BIN)/python -m pvbess.train $(ARGS)
 
 train: install ## Train with Hydra overrides: make train ARGS="agent=sac reward=co2_heavy site=tiny"
@@ -65,6 +65,12 @@ lint: install ## ruff
 
 bench: install ## Print speed figures: CityLearn vs. pvbess env steps/s, PPO steps/s
 	$(BIN)/python -m pvbess.bench $(ARGS)
+
+STUDY ?= all
+bench-study: install ## Time the README's commands in a temporary root, print a Markdown table: make bench-study STUDY=dataset,run SITE=tiny ARGS="total_timesteps=2000"
+	$(BIN)/python -m pvbess.bench --study $(STUDY) --site $(SITE) $(ARGS)
+
+.PHONY: bench-study
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
