@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 
 from pvbess import battery, ev_sessions, load, plots, pv, tariff
 from pvbess.config import ConfigError, SiteConfig, validate_site
-from pvbess.timeseries_io import DataError, read_series
+from pvbess.errors import DataError
+from pvbess.timeseries_io import read_series
 from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 log = logging.getLogger(__name__)

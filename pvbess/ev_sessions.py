@@ -17,8 +17,8 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
+from pvbess import errors
 from pvbess.config import EvConfig
-from pvbess.timeseries_io import DataError
 from pvbess.validation import PlausibilityWarning
 
 SESSION_COLUMNS = [
@@ -221,20 +221,20 @@ class _Table:
 
     def fail(self, pos: int | None, column: str, problem: str) -> NoReturn:
         """Raise DataError for 0-based session row ``pos`` (None = the whole table)."""
-        where = f"{self.source}, column {column!r}"
-        time = None
+        where, time = "", None
         if pos is not None:
             row = self.sessions.iloc[pos]
             arrival = int(self.sessions["arrival_step"].iloc[pos])
             if self.index is not None and 0 <= arrival < len(self.index):
                 time = str(self.index[arrival])
-            where += f", row {pos + 1} of {len(self.sessions)} (session {row['session_id']!r}"
+            where = f"row {pos + 1} of {len(self.sessions)} (session {row['session_id']!r}"
             where += f", arrival {time})" if time else ")"
-        raise DataError(
-            f"{where}: {problem}",
-            path=self.source,
-            column=column,
+        errors.fail(
+            self.source,
+            column,
+            problem,
             row=None if pos is None else pos + 1,
+            where=where,
             time=time,
         )
 

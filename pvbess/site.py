@@ -19,7 +19,7 @@ from rich.text import Text
 
 from pvbess import config, dataset
 from pvbess.config import ConfigError
-from pvbess.timeseries_io import DataError
+from pvbess.errors import DataError
 from pvbess.validation import PlausibilityWarning
 
 config.register()

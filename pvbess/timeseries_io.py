@@ -31,7 +31,9 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
+from pvbess import errors
 from pvbess.config import ConfigError, CsvSourceConfig
+from pvbess.errors import DataError
 
 __all__ = ["DataError", "read_series"]
 
@@ -43,30 +45,6 @@ _SEPARATOR_CANDIDATES = (";", ",", "\t")
 # A UTC offset or 'Z' right after the time part: '...00:00-05:00', '...0000+0100', '...00Z'.
 _OFFSET_RE = re.compile(r"(?:\d[+-]\d{2}:?\d{2}|\d[zZ])$")
 _MISSING_WORDS = {"nan", "na", "n/a", "#n/a", "null", "none", "-"}
-
-
-class DataError(ValueError):
-    """A user data file cannot be used as it is.
-
-    The message is one paragraph naming the file, the column and the first offending
-    data row (1-based, the first row under the header is row 1; the file line is also
-    given, header = line 1) and/or timestamp. The same facts are kept as attributes.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        column: str | None = None,
-        row: int | None = None,
-        time: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.column = column
-        self.row = row
-        self.time = time
 
 
 def _row_ref(row: int) -> str:
@@ -93,19 +71,20 @@ class _Ctx:
         hint: str = "",
     ) -> NoReturn:
         """Raise DataError for 0-based data position ``pos`` (None = whole file)."""
-        where = f"{self.path}, column {column!r}"
+        where = ""
         if pos is not None:
-            where += f", {_row_ref(pos + 1)}"
+            where = _row_ref(pos + 1)
             if self.time_text is not None:
                 time = str(self.time_text.iloc[pos])
                 where += f", timestamp {time!r}"
-        message = f"{where}: {problem}" + (f" {hint}" if hint else "")
-        raise DataError(
-            message,
-            path=str(self.path),
-            column=column,
+        errors.fail(
+            str(self.path),
+            column,
+            problem,
             row=None if pos is None else pos + 1,
+            where=where,
             time=time,
+            hint=hint,
         )
 
 

@@ -38,7 +38,7 @@ EXIT_ERROR = 1
 # the store), printed as one paragraph instead of a traceback: (module, class).
 USER_ERRORS = (
     ("pvbess.config", "ConfigError"),
-    ("pvbess.timeseries_io", "DataError"),
+    ("pvbess.errors", "DataError"),
     ("pvbess.checkpoints", "CheckpointError"),
     ("pvbess.tracking", "TrackingError"),
 )

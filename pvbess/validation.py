@@ -11,7 +11,7 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
-from pvbess.timeseries_io import DataError
+from pvbess import errors
 
 __all__ = ["PlausibilityWarning", "check_pv_plausibility", "check_series"]
 
@@ -30,14 +30,12 @@ class PlausibilityWarning(UserWarning):
 
 
 def _fail(source: str, column: str, problem: str, index: pd.Index, pos: int | None) -> NoReturn:
-    where = f"{source}, column {column!r}"
-    if pos is not None:
-        where += f", row {pos + 1} of {len(index)} (time {index[pos]})"
-    raise DataError(
-        f"{where}: {problem}",
-        path=source,
-        column=column,
+    errors.fail(
+        source,
+        column,
+        problem,
         row=None if pos is None else pos + 1,
+        where="" if pos is None else f"row {pos + 1} of {len(index)} (time {index[pos]})",
         time=None if pos is None else str(index[pos]),
     )
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from pvbess import config, dataset, ev_sessions, plots
 from pvbess.config import ConfigError, CsvSourceConfig, SiteConfig
-from pvbess.timeseries_io import DataError
+from pvbess.errors import DataError
 from pvbess.validation import PlausibilityWarning
 
 from .conftest import compose_cfg

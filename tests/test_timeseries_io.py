@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pvbess.config import ConfigError, CsvSourceConfig
-from pvbess.timeseries_io import DataError, read_series
+from pvbess.errors import DataError
+from pvbess.timeseries_io import read_series
 
 OE2_DIR = Path(__file__).resolve().parents[2] / "shared" / "oe2"
 PV_FILE = OE2_DIR / "pv_generation_hourly_citylearn_v2.csv"

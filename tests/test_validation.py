@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from pvbess.config import CsvSourceConfig
-from pvbess.timeseries_io import DataError, read_series
+from pvbess.errors import DataError
+from pvbess.timeseries_io import read_series
 from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 PV_FILE = (
