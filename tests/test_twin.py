@@ -1,22 +1,30 @@
-"""The numpy twin against CityLearn: same observations, rewards, SOCs, flows and KPIs.
+"""The numpy twin against CityLearn: the same observations, rewards, SOCs, flows and KPIs.
 
-Tolerances. CityLearn stores SOCs, battery and charger energies and the net
-consumption in float32 (about 7 significant digits) and computes in float64
-between stores. The twin rounds at the same places, and today its numbers are
-CityLearn's bit for bit (max error 0). The contract the tests hold it to is
-looser, so that an equivalent float64 implementation would pass: every quantity
-within 1e-5 of its own magnitude over the episode (the largest |value| of that
-column), i.e. about 100 float32 steps of the largest value, which is far below
-anything physical (1e-5 x 1,700 kWh = 0.017 kWh for the Iquitos battery);
-elementwise relative errors would be meaningless where a flow crosses zero.
-KPIs (sums over the episode) within 1e-6 relative.
+Exactness. CityLearn stores SOCs, battery and charger energies and the net
+consumption in float32 and computes in float64 between stores; the twin rounds
+at the same places, in the same order, so its numbers are CityLearn's bit for
+bit. The tests hold it to exactly that, with no tolerance: on the same actions
+(and in closed loop, on each backend's own controller's actions) every step's
+raw and scaled observation, the action the backend receives after the safety
+layer, the reward, the plugged-in EVs' SOCs, the chargers' energy, every
+history column and every KPI equal CityLearn's, with the same dtypes, NaN where
+CityLearn has NaN (``assert_identical``). A twin that rounds anywhere else (a
+missing float32 cast, a float64 sum in another order) fails them.
+
+Independence. CityLearn counts its resets and seeds the unplugged EVs' random
+SOC drift with ``random seed + episode index``, which shows in the observations.
+An env shared between tests would make a test's outcome depend on which tests
+ran before it, so every test builds its own envs, and both backends of a
+comparison are new and reset the same way (``reset(seed=SEED)``: episode 0 of
+both, same stream).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +32,36 @@ import pandas as pd
 import pytest
 from stable_baselines3 import PPO
 
-from pvbess import config, dataset, evaluation, kpis
+from pvbess import config, dataset, kpis
+from pvbess import reward as rw
 from pvbess.config import ConfigError, RewardConfig, RewardWeights
 from pvbess.controllers import Optimal, RuleBased, Uncontrolled
-from pvbess.env import SiteEnv
+from pvbess.env import CityLearnBackend, SiteEnv
 from pvbess.twin import TwinData, TwinVecEnv
 
 from .conftest import compose_cfg
 
-REL_TOL = 1e-5  # of a quantity's magnitude over the episode (see the module docstring)
-KPI_REL_TOL = 1e-6
+SEED = 0  # the seed both backends of a comparison are reset with
+
+# A policy maps the env's (scaled) observation to an action; a policy maker builds one for an
+# env (a controller reads the env it drives).
+Policy = Callable[[np.ndarray], np.ndarray]
+PolicyMaker = Callable[[SiteEnv], Policy]
 
 
 def _reward() -> RewardConfig:
     return RewardConfig(name="balanced", weights=RewardWeights())
+
+
+def _site_envs(ds: dataset.SiteDataset) -> tuple[SiteEnv, SiteEnv]:
+    """New (CityLearn, twin) envs of a dataset: nothing carried over from another test."""
+    return SiteEnv(ds, _reward()), SiteEnv(ds, _reward(), backend="twin")
+
+
+@pytest.fixture()
+def envs(tiny_dataset) -> tuple[SiteEnv, SiteEnv]:
+    """Function scope on purpose: a test's resets must not shift another test's episodes."""
+    return _site_envs(tiny_dataset)
 
 
 def _actions(kind: str, env: SiteEnv, n_steps: int, seed: int = 0) -> np.ndarray:
@@ -50,167 +74,240 @@ def _actions(kind: str, env: SiteEnv, n_steps: int, seed: int = 0) -> np.ndarray
     return np.full((n_steps, n), 0.0 if kind == "zeros" else 1.0)
 
 
-def _run(env: SiteEnv, actions: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """Step a whole episode; per step: observation, reward, and the plugged EVs' SOC."""
-    obs, _ = env.reset(seed=seed)
+def _replay(actions: np.ndarray) -> PolicyMaker:
+    """The given actions, one per step, whatever the observation."""
+
+    def make(env: SiteEnv) -> Policy:
+        steps = iter(actions)
+        return lambda obs: next(steps)
+
+    return make
+
+
+def _controller(cls: type) -> PolicyMaker:
+    """A controller built on the env it drives, acting as ``evaluation.rollout`` has it act."""
+
+    def make(env: SiteEnv) -> Policy:
+        controller = cls(env)
+        return lambda obs: controller.predict(obs, deterministic=True)[0]
+
+    return make
+
+
+@dataclass
+class Episode:
+    """What ``_episode`` records of one env's episode."""
+
+    # Per step; observation row t is what the policy reads at step t (one more row: the last
+    # observation, after the final step).
+    steps: dict[str, np.ndarray]
+    history: pd.DataFrame  # env.history()
+    chargers_kwh: np.ndarray  # [socket, step] each charger's electricity use
+
+
+def _episode(env: SiteEnv, make_policy: PolicyMaker, seed: int | None = SEED) -> Episode:
+    """``env.reset(seed=seed)``, then the policy to the episode's end, recording every step.
+
+    Per step: the scaled observation the policy reads, the backend's raw observation, the
+    action the backend receives (after the safety layer), the reward, and for each plugged-in
+    socket its EV's SOC and capacity before the step and its SOC after (NaN elsewhere).
+    """
     b = env.backend
-    observations, rewards, ev_soc = [obs], [], []
-    done = False
-    for t, a in enumerate(actions):
-        plugged = np.flatnonzero(b.state[:, t] == 1)
-        soc = np.full(env.n_sockets, np.nan)
-        soc[plugged] = b.ev_soc_and_capacity(plugged)[0]
-        ev_soc.append(soc)
-        obs, reward, done, _, _ = env.step(a)
-        observations.append(obs)
-        rewards.append(reward)
-        if done:
-            break
-    assert done and t == env.n_steps - 1
-    return {
-        "observation": np.array(observations, dtype=np.float64),
+    raw: list[np.ndarray] = []
+    sent: list[np.ndarray] = []
+    reset, step = b.reset, b.step
+
+    def recording_reset(seed: int | None = None) -> np.ndarray:
+        obs = reset(seed=seed)
+        raw.append(np.array(obs))
+        return obs
+
+    def recording_step(action: np.ndarray):
+        sent.append(np.array(action))
+        obs, quantities, done = step(action)
+        raw.append(np.array(obs))
+        return obs, quantities, done
+
+    b.reset, b.step = recording_reset, recording_step
+    try:
+        policy = make_policy(env)  # built before the reset, as pvbess.train builds its agent
+        obs, _ = env.reset(seed=seed)
+        observations, rewards = [obs], []
+        soc, cap, soc_after = (np.full((env.n_steps, env.n_sockets), np.nan) for _ in range(3))
+        done, t = False, 0
+        while not done:
+            assert t < env.n_steps, "the episode does not end"
+            plugged = np.flatnonzero(b.state[:, t] == 1)
+            soc[t, plugged], cap[t, plugged] = b.ev_soc_and_capacity(plugged)
+            obs, reward, done, _, _ = env.step(policy(obs))
+            soc_after[t, plugged] = b.ev_soc_and_capacity_after_step(t, plugged)[0]
+            observations.append(obs)
+            rewards.append(reward)
+            t += 1
+    finally:
+        del b.reset, b.step  # the backend's own methods again
+    assert t == env.n_steps
+    chargers = np.array([c.electricity_consumption[:t] for c in b.chargers])
+    steps = {
+        "observation": np.array(observations),
+        "raw_observation": np.array(raw),
+        "backend_action": np.array(sent),
         "reward": np.array(rewards),
-        "ev_soc": np.array(ev_soc),
+        "ev_soc": soc,
+        "ev_capacity_kwh": cap,
+        "ev_soc_after": soc_after,
     }
+    return Episode(steps=steps, history=env.history(), chargers_kwh=chargers)
 
 
-def _errors(reference: np.ndarray, twin: np.ndarray) -> tuple[float, float]:
-    """Max abs error and that error relative to the reference's magnitude (NaN = NaN)."""
-    ref, tw = np.asarray(reference, dtype=np.float64), np.asarray(twin, dtype=np.float64)
-    assert ref.shape == tw.shape
-    assert np.array_equal(np.isnan(ref), np.isnan(tw))
-    diff = np.abs(np.nan_to_num(ref) - np.nan_to_num(tw))
-    abs_err = float(diff.max()) if diff.size else 0.0
-    scale = float(np.abs(np.nan_to_num(ref)).max()) if ref.size else 0.0
-    return abs_err, abs_err / scale if scale > 0 else abs_err
+def assert_identical(
+    what: str, reference: object, twin: object, columns: Sequence[str] | None = None
+) -> None:
+    """The twin's values are the reference's exactly: same shape, dtype and values, NaN where
+    the reference has NaN. Rows are steps: the message names the first step that differs."""
+    ref, tw = np.asarray(reference), np.asarray(twin)
+    where = ""
+    if ref.shape == tw.shape and ref.dtype == tw.dtype:
+        same = (ref == tw) | ((ref != ref) & (tw != tw))  # x != x: NaN
+        if not same.all():
+            first = [int(i) for i in np.argwhere(~same)[0]]
+            where = f"first difference at step {first[0]}" if first else "differs"
+            if columns is not None and len(first) > 1:
+                where += f", {columns[first[1]]}"
+    np.testing.assert_array_equal(tw, ref, err_msg=f"{what}: {where}", strict=True)
 
 
-def assert_parity(reference: dict[str, np.ndarray], twin: dict[str, np.ndarray]) -> None:
-    for name, ref in reference.items():
-        abs_err, rel_err = _errors(ref, twin[name])
-        assert rel_err <= REL_TOL, f"{name}: max abs error {abs_err:.3g} ({rel_err:.3g} of scale)"
+def assert_episodes_identical(reference: SiteEnv, twin: SiteEnv, ref: Episode, tw: Episode) -> None:
+    """Every recorded quantity of the two episodes, and the KPIs, exactly equal."""
+    names = reference.backend.observation_names
+    sockets = [sid for sid, _ in reference.dataset.sockets]
+    actions = ["bess", *sockets]
+    columns = {"observation": names, "raw_observation": names, "backend_action": actions}
+    assert ref.steps.keys() == tw.steps.keys()
+    for name, values in ref.steps.items():
+        assert_identical(name, values, tw.steps[name], columns.get(name, sockets))
+    assert list(tw.history.columns) == list(ref.history.columns)
+    pd.testing.assert_index_equal(tw.history.index, ref.history.index, exact=True)
+    for column in ref.history:
+        assert_identical(f"history {column}", ref.history[column], tw.history[column])
+    # Each charger's use [socket, step]: transposed so that rows are steps.
+    assert_identical("charger kWh", ref.chargers_kwh.T, tw.chargers_kwh.T, sockets)
+    bess = reference.site.bess
+    usable_kwh = bess.capacity_kwh * (bess.soc_max_frac - bess.soc_min_frac)
+    ref_kpis, tw_kpis = kpis.compute(ref.history, usable_kwh), kpis.compute(tw.history, usable_kwh)
+    assert list(tw_kpis) == list(ref_kpis)
+    for name, value in ref_kpis.items():
+        assert_identical(f"KPI {name}", value, tw_kpis[name])
+    kpis.check_energy_balance(tw.history)
 
 
-def assert_kpi_parity(reference: dict[str, float], twin: dict[str, float]) -> None:
-    assert reference.keys() == twin.keys()
-    for name, ref in reference.items():
-        if np.isnan(ref):
-            assert np.isnan(twin[name]), name
-        else:
-            assert twin[name] == pytest.approx(ref, rel=KPI_REL_TOL, abs=1e-9), name
+def _drift_stream(env: SiteEnv) -> tuple[int, int]:
+    """(episode index, random seed) of a backend, which seed its unplugged EVs' drift."""
+    b = env.backend
+    if isinstance(b, CityLearnBackend):
+        return b.env.episode_tracker.episode, b.env.random_seed
+    return b.core.episode, b.random_seed
 
 
-def _compare(reference: SiteEnv, twin: SiteEnv, actions: np.ndarray) -> None:
-    """Both backends through one action sequence: every step, every recorded column, KPIs."""
-    ref_steps, twin_steps = _run(reference, actions), _run(twin, actions)
-    assert_parity(ref_steps, twin_steps)
-    ref_ts, twin_ts = reference.history(), twin.history()
-    assert list(ref_ts.columns) == list(twin_ts.columns)
-    assert_parity(
-        {c: ref_ts[c].to_numpy() for c in ref_ts}, {c: twin_ts[c].to_numpy() for c in twin_ts}
-    )
-    ref_chargers = np.array([c.electricity_consumption for c in reference.backend.chargers])
-    twin_chargers = np.array([c.electricity_consumption for c in twin.backend.chargers])
-    n = reference.n_steps
-    assert_parity({"charger_kwh": ref_chargers[:, :n]}, {"charger_kwh": twin_chargers[:, :n]})
-    usable_kwh = reference.site.bess.capacity_kwh * (
-        reference.site.bess.soc_max_frac - reference.site.bess.soc_min_frac
-    )
-    kpis.check_energy_balance(twin_ts)
-    assert_kpi_parity(kpis.compute(ref_ts, usable_kwh), kpis.compute(twin_ts, usable_kwh))
-
-
-@pytest.fixture(scope="module")
-def envs(tiny_dataset) -> tuple[SiteEnv, SiteEnv]:
-    return SiteEnv(tiny_dataset, _reward()), SiteEnv(tiny_dataset, _reward(), backend="twin")
+def _compare(
+    reference: SiteEnv, twin: SiteEnv, make_policy: PolicyMaker, seed: int | None = SEED
+) -> tuple[Episode, Episode]:
+    """One episode on each backend, reset the same way, each driven by its own copy of the
+    policy (closed loop for a controller); every recorded quantity must be identical."""
+    # Same episode index and seed, so the same drift stream after the reset.
+    assert _drift_stream(reference) == _drift_stream(twin), "backends not reset alike"
+    ref, tw = _episode(reference, make_policy, seed), _episode(twin, make_policy, seed)
+    assert_episodes_identical(reference, twin, ref, tw)
+    return ref, tw
 
 
 def test_same_observation_space_as_citylearn(envs) -> None:
     reference, twin = envs
     assert twin.backend.observation_names == reference.backend.observation_names
     # Bounds computed as CityLearn computes them: the same float32 values exactly.
-    np.testing.assert_array_equal(twin.backend.obs_low, reference.backend.obs_low)
-    np.testing.assert_array_equal(twin.backend.obs_span, reference.backend.obs_span)
+    assert_identical("obs_low", reference.backend.obs_low, twin.backend.obs_low)
+    assert_identical("obs_span", reference.backend.obs_span, twin.backend.obs_span)
     assert twin.observation_space == reference.observation_space
     assert twin.action_space == reference.action_space
     for name in ("state", "departure_steps", "required_soc"):
-        ref, tw = getattr(reference.backend, name), getattr(twin.backend, name)
-        assert ref.dtype == tw.dtype
-        np.testing.assert_array_equal(tw, ref, err_msg=name)
+        assert_identical(name, getattr(reference.backend, name), getattr(twin.backend, name))
     assert len(twin.backend.chargers) == len(reference.backend.chargers) == 4
 
 
 @pytest.mark.parametrize("kind", ["random", "zeros", "ones"])
 def test_parity_with_citylearn_whole_episode(envs, kind: str) -> None:
     reference, twin = envs
-    _compare(reference, twin, _actions(kind, reference, reference.n_steps))
+    _compare(reference, twin, _replay(_actions(kind, reference, reference.n_steps)))
 
 
-def test_parity_exercises_the_physics(envs) -> None:
+def test_parity_over_successive_episodes_and_seeds(envs) -> None:
+    """Resets as CityLearn counts them: the unplugged EVs' drift stream is seeded with the
+    random seed + the episode index, and reset(seed=None) keeps the last seed."""
+    reference, twin = envs
+    zeros = _replay(_actions("zeros", reference, reference.n_steps))
+    first, _ = _compare(reference, twin, zeros, seed=SEED)
+    again, _ = _compare(reference, twin, zeros, seed=SEED)  # episode 1: another stream ...
+    assert not np.array_equal(first.steps["observation"], again.steps["observation"])
+    pd.testing.assert_frame_equal(first.history, again.history)  # ... seen only in observations
+    _compare(reference, twin, zeros, seed=SEED + 7)
+    _compare(reference, twin, zeros, seed=None)
+
+
+def test_parity_exercises_the_physics(tiny_dataset) -> None:
     """The sequences above reach every limit the twin reimplements, so parity means something."""
-    _, twin = envs
+    twin = SiteEnv(tiny_dataset, _reward(), backend="twin")
     bess, ev = twin.site.bess, twin.site.ev
-    random_ts, _ = _history(twin, _actions("random", twin, twin.n_steps))
+    random_ts = _episode(twin, _replay(_actions("random", twin, twin.n_steps))).history
     # Battery, random actions: both directions, down to the DoD floor (SOC relative to the
     # ceiling), never above the power rating.
     assert random_ts["bess_discharge_kwh"].max() > 0
     assert random_ts["bess_discharge_kwh"].max() <= bess.power_kw * (1 + 1e-9)
     floor = bess.soc_min_frac / bess.soc_max_frac
     assert random_ts["bess_soc_frac"].min() == pytest.approx(floor, abs=1e-6)
-    ones_ts, ones_chargers = _history(twin, _actions("ones", twin, twin.n_steps))
+    ones = _episode(twin, _replay(_actions("ones", twin, twin.n_steps)))
+    ones_ts = ones.history
     # Full power: the power limit binds, then the capacity ceiling (a last partial step);
     # EVs reach their full battery, so a socket asked for full power draws less.
     charged = ones_ts["bess_charge_kwh"].to_numpy()
     assert charged.max() == pytest.approx(bess.power_kw, rel=1e-6)
     assert ((charged > 0) & (charged < bess.power_kw * (1 - 1e-3))).any()
     assert ones_ts["bess_soc_frac"].max() == pytest.approx(1.0, abs=1e-6)
-    partial = (ones_chargers > 0) & (ones_chargers < ev.socket_power_kw * (1 - 1e-3))
+    partial = (ones.chargers_kwh > 0) & (ones.chargers_kwh < ev.socket_power_kw * (1 - 1e-3))
     assert partial.any()
     assert ones_ts["ev_departures_met"].sum() == ones_ts["ev_departures"].sum() > 0
     # Nothing asked: the safety layer forces exactly what the EVs need.
-    zeros_ts, _ = _history(twin, _actions("zeros", twin, twin.n_steps))
+    zeros_ts = _episode(twin, _replay(_actions("zeros", twin, twin.n_steps))).history
     assert zeros_ts["ev_forced_kwh"].sum() > 0 and zeros_ts["ev_unmet_kwh"].sum() == 0
-
-
-def _history(env: SiteEnv, actions: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
-    """The episode's timeseries and the chargers' electricity use [socket, step] in kWh."""
-    _run(env, actions)
-    chargers = np.array([c.electricity_consumption[: env.n_steps] for c in env.backend.chargers])
-    return env.history(), chargers
 
 
 @pytest.mark.parametrize("controller", [Uncontrolled, RuleBased])
 def test_parity_closed_loop_with_controllers(envs, controller) -> None:
     """A controller reads observations and EV SOCs to act: the loop closes on each backend,
-    and the two episodes still agree step for step."""
+    and the two episodes still agree step for step, observations included."""
     reference, twin = envs
-    ref_ts = evaluation.rollout(reference, controller(reference), seed=0, progress=False)
-    twin_ts = evaluation.rollout(twin, controller(twin), seed=0, progress=False)
-    assert_parity(
-        {c: ref_ts[c].to_numpy() for c in ref_ts}, {c: twin_ts[c].to_numpy() for c in twin_ts}
-    )
-    assert ref_ts["bess_charge_kwh"].sum() > 0 or controller is Uncontrolled
+    ref, _ = _compare(reference, twin, _controller(controller))
+    assert ref.history["bess_charge_kwh"].sum() > 0 or controller is Uncontrolled
+    assert ref.history["ev_charging_kwh"].sum() > 0
 
 
 def test_drifting_soc_of_unplugged_evs_is_observed(tiny_dataset) -> None:
     """CityLearn shows a just-plugged EV's previous-step SOC, which for a vehicle that
     follows another at its socket is its random drift: the twin draws the same stream."""
     env = SiteEnv(tiny_dataset, _reward(), backend="twin")
-    actions = _actions("zeros", env, env.n_steps)
-    first = _run(env, actions, seed=0)  # stream seeded 0 + episode 0
-    second = _run(env, actions, seed=0)  # 0 + episode 1
+    zeros = _replay(_actions("zeros", env, env.n_steps))
+    first = _episode(env, zeros, seed=0).steps  # stream seeded 0 + episode 0
+    second = _episode(env, zeros, seed=0).steps  # 0 + episode 1
     assert not np.array_equal(first["observation"], second["observation"])  # it matters ...
-    np.testing.assert_array_equal(first["reward"], second["reward"])  # ... only there
+    assert_identical("reward", first["reward"], second["reward"])  # ... only there
     other = SiteEnv(tiny_dataset, _reward(), backend="twin")
-    np.testing.assert_array_equal(
-        _run(other, actions, seed=1)["observation"], second["observation"]
-    )
+    third = _episode(other, zeros, seed=1).steps  # 1 + episode 0
+    assert_identical("observation", second["observation"], third["observation"])
 
 
-def test_kpis_of_twin_episode(envs) -> None:
+def test_kpis_of_twin_episode(tiny_dataset) -> None:
     """The twin's episode passes the evaluation's own checks (balance) and has KPIs."""
-    _, twin = envs
-    ts, _ = _history(twin, _actions("random", twin, twin.n_steps, seed=3))
+    twin = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    ts = _episode(twin, _replay(_actions("random", twin, twin.n_steps, seed=3))).history
     assert kpis.check_energy_balance(ts) <= 1e-6 * ts["load_kwh"].max()
     with pytest.raises(AttributeError, match="citylearn"):
         _ = twin.citylearn
@@ -230,25 +327,31 @@ def test_vec_env_copy_matches_site_env(tiny_dataset) -> None:
     actions = _actions("random", single, single.n_steps, seed=5)
     obs_single, _ = single.reset(seed=0)
     obs_vec = vec.reset()
-    np.testing.assert_array_equal(obs_vec[0], obs_single)
-    total = 0.0
+    assert_identical("first observation", obs_single, obs_vec[0])
+    # The VecEnv sums its return and components step by step: so does the test.
+    total, components = 0.0, dict.fromkeys(rw.COMPONENTS, 0.0)
     for t, a in enumerate(actions):
         obs_single, reward, done, _, info = single.step(a)
         obs_vec, rewards, dones, infos = vec.step(np.repeat(a[None, :], n_envs, axis=0))
         total += reward
+        for k, v in info["reward_components"].items():
+            components[k] += v
         assert np.all(dones == done)
-        np.testing.assert_array_equal(rewards, np.float32(reward), err_msg=f"step {t}")
+        # SB3's VecEnv rewards are float32: SiteEnv's float64 reward, rounded.
+        assert_identical(f"rewards at step {t}", np.full(n_envs, reward, np.float32), rewards)
         if done:
-            np.testing.assert_array_equal(infos[0]["terminal_observation"], obs_single)
+            assert_identical("terminal observation", obs_single, infos[0]["terminal_observation"])
             assert infos[0]["episode"]["l"] == single.n_steps
-            assert infos[0]["episode"]["r"] == pytest.approx(total, rel=1e-12)
+            assert infos[0]["episode"]["r"] == total
+            assert infos[0]["episode_components"] == components
+            # SiteEnv's own episode sums add the same numbers in numpy's pairwise order.
             for k, v in info["episode_components"].items():
-                assert infos[0]["episode_components"][k] == pytest.approx(v, rel=1e-9)
+                assert components[k] == pytest.approx(v, rel=1e-12)
             # Auto-reset: the next episode's first observation.
             assert vec.core.t == 0
-            np.testing.assert_array_equal(obs_vec[0], single.reset(seed=0)[0])
+            assert_identical("next episode's observation", single.reset(seed=0)[0], obs_vec[0])
         else:
-            np.testing.assert_array_equal(obs_vec[0], obs_single, err_msg=f"step {t}")
+            assert_identical(f"observation after step {t}", obs_single, obs_vec[0])
 
 
 def test_vec_env_trains_ppo(tiny_dataset) -> None:
@@ -328,17 +431,16 @@ def test_twin_refuses_physics_it_does_not_simulate(schema_copy, edit, what: str)
 
 
 def _full_year_envs(session_tmp: Path, site: str) -> tuple[SiteEnv, SiteEnv]:
-    """(CityLearn, twin) envs of one site preset's whole year."""
+    """New (CityLearn, twin) envs of one site preset's whole year."""
     cfg = compose_cfg([f"site={site}"], session_tmp)
-    ds = dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir)
-    return SiteEnv(ds, _reward()), SiteEnv(ds, _reward(), backend="twin")
+    return _site_envs(dataset.build(config.validate_site(cfg.site), cfg.paths.data_dir))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("site", "seed"), [("iquitos_mall", 1), ("iquitos_mall_128", 2)])
 def test_parity_with_citylearn_full_year(session_tmp: Path, site: str, seed: int) -> None:
     reference, twin = _full_year_envs(session_tmp, site)
-    _compare(reference, twin, _actions("random", reference, reference.n_steps, seed=seed))
+    _compare(reference, twin, _replay(_actions("random", reference, reference.n_steps, seed=seed)))
 
 
 @pytest.mark.slow
@@ -346,8 +448,4 @@ def test_parity_with_citylearn_full_year(session_tmp: Path, site: str, seed: int
 def test_parity_full_year_iquitos_baselines(session_tmp: Path, controller) -> None:
     """Each baseline's own actions over the whole Iquitos year, on both backends."""
     reference, twin = _full_year_envs(session_tmp, "iquitos_mall")
-    ref_ts = evaluation.rollout(reference, controller(reference), seed=0, progress=False)
-    twin_ts = evaluation.rollout(twin, controller(twin), seed=0, progress=False)
-    assert_parity(
-        {c: ref_ts[c].to_numpy() for c in ref_ts}, {c: twin_ts[c].to_numpy() for c in twin_ts}
-    )
+    _compare(reference, twin, _controller(controller))
