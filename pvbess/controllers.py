@@ -54,7 +54,7 @@ class Controller:
         need_kwh = np.zeros(self.env.n_sockets)
         plugged = np.flatnonzero(b.state[:, t] == 1)
         if plugged.size:
-            soc, cap = b.ev_soc_and_capacity(plugged)
+            soc, cap = self.env.ev_soc_and_capacity(plugged)
             need_kwh[plugged] = np.maximum(b.required_soc[plugged, t] - soc, 0.0) * cap
         return need_kwh
 

@@ -6,16 +6,18 @@ Observation: CityLearn's active observations, scaled to [0, 1] by its own
 observation-space bounds. Reward: ``pvbess.reward`` from the step's physical
 quantities, which are also recorded as the hourly timeseries (``history``).
 
-The simulator sits behind a small backend interface: ``CityLearnBackend`` (the
-reference) or ``pvbess.twin.TwinBackend`` (a numpy twin of the same physics,
-``env.backend=twin``). The safety layer, the per-step flows and the reward are
-module functions here, vectorised, so that the twin's VecEnv
-(``pvbess.twin.TwinVecEnv``) applies the very same code to many envs at once.
+The step itself (safety layer, simulator, flows, reward, record, observation) is
+``SiteStep``, written once over [n_envs, ...] arrays. It drives a ``Simulator``:
+``CityLearnBackend`` (the reference, one copy) or ``pvbess.twin.TwinSimulator`` (a
+numpy twin of the same physics, ``env.backend=twin``, any number of copies).
+``SiteEnv`` is one copy on either; the twin's VecEnv (``pvbess.twin.TwinVecEnv``)
+is n copies.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -60,15 +62,17 @@ SOC_ROUNDING_FRAC = 1e-4
 Quantity = float | np.floating | np.ndarray
 
 
-class Backend(Protocol):
-    """What SiteEnv (and the controllers) use of a simulator.
+class Simulator(Protocol):
+    """What the env's step uses of a simulator of ``n_envs`` copies of the site.
 
-    Session tables are [socket, step] arrays over the episode: ``state`` (1 plugged
-    in, 2 arriving next step, 3 away), ``departure_steps`` (steps left while plugged
-    in), ``required_soc``. Observations are raw (unscaled) in ``observation_names``
-    order; ``obs_low`` and ``obs_span`` scale them to [0, 1].
+    Session tables are [socket, step] arrays over the episode, shared by the copies:
+    ``state`` (1 plugged in, 2 arriving next step, 3 away), ``departure_steps`` (steps
+    left while plugged in), ``required_soc``. Observations are raw (unscaled) in
+    ``observation_names`` order, [n_envs, n_obs]; ``obs_low`` and ``obs_span`` scale
+    them to [0, 1]. Quantities are [n_envs] arrays [kWh per step, SOC fraction].
     """
 
+    n_envs: int
     n_steps: int
     observation_names: list[str]
     obs_low: np.ndarray
@@ -78,15 +82,16 @@ class Backend(Protocol):
     required_soc: np.ndarray
     chargers: list[Any]  # each with charger_id and electricity_consumption [kWh per step]
 
-    def reset(self, seed: int | None = None) -> np.ndarray: ...
+    @property
+    def t(self) -> int: ...
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, dict[str, float], bool]: ...
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray: ...
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]: ...
 
     def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def ev_soc_and_capacity_after_step(
-        self, t: int, sockets: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def ev_soc_after_step(self, t: int, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def clip_action(
@@ -196,19 +201,21 @@ def reward_scales(dataset: SiteDataset, reward: RewardConfig) -> rw.RewardScales
     )
 
 
-def make_backend(name: str, dataset: SiteDataset, seed: int | None) -> Backend:
-    """The simulator behind the env: ``citylearn`` (reference) or ``twin`` (numpy)."""
+def make_backend(name: str, dataset: SiteDataset, seed: int | None) -> Simulator:
+    """The simulator behind the env (one copy): ``citylearn`` (reference) or ``twin`` (numpy)."""
     if name == "citylearn":
         return CityLearnBackend(dataset, seed=seed)
     if name == "twin":
-        from pvbess.twin import TwinBackend  # the twin imports this module
+        from pvbess.twin import TwinSimulator  # the twin imports this module
 
-        return TwinBackend(dataset, seed=seed)
+        return TwinSimulator.from_dataset(dataset, n_envs=1, seeds=[seed])
     raise ValueError(f"env.backend={name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 class CityLearnBackend:
-    """CityLearn 3 with a central agent, loaded from a local schema."""
+    """CityLearn 3 with a central agent, loaded from a local schema: one copy."""
+
+    n_envs = 1
 
     def __init__(self, dataset: SiteDataset, seed: int | None = None) -> None:
         from citylearn.citylearn import CityLearnEnv  # slow import, kept local
@@ -246,41 +253,38 @@ class CityLearnBackend:
     def t(self) -> int:
         return int(self.env.time_step)
 
-    def reset(self, seed: int | None = None) -> np.ndarray:
-        obs, _ = self.env.reset(seed=seed)
-        return np.asarray(obs[0], dtype=np.float64)
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray:
+        obs, _ = self.env.reset(seed=None if seeds is None else seeds[0])
+        return np.asarray(obs, dtype=np.float64)
 
     def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """SOC at the start of this step and capacity [kWh] of the EV at each given socket.
-
-        Only the sockets asked for are read: attribute access into CityLearn is the cost here.
-        """
-        soc = np.zeros(len(sockets))
-        cap = np.zeros(len(sockets))
+        """SOC at the start of this step and capacity [kWh] of the EV at each given socket,
+        [1, len(sockets)]. Only the sockets asked for are read: attribute access into
+        CityLearn is the cost here."""
+        soc = np.zeros((1, len(sockets)))
+        cap = np.zeros((1, len(sockets)))
         for j, i in enumerate(sockets):
             ev = self.chargers[i].connected_electric_vehicle
             if ev is not None:
                 b = ev.battery
-                cap[j] = b.capacity
-                soc[j] = b.energy_init / b.capacity
+                cap[0, j] = b.capacity
+                soc[0, j] = b.energy_init / b.capacity
         return soc, cap
 
-    def ev_soc_and_capacity_after_step(
-        self, t: int, sockets: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def ev_soc_after_step(self, t: int, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SOC after step t and capacity [kWh] of the EV that was at each given socket."""
-        soc = np.zeros(len(sockets))
-        cap = np.zeros(len(sockets))
+        soc = np.zeros((1, len(sockets)))
+        cap = np.zeros((1, len(sockets)))
         for j, i in enumerate(sockets):
             ev = self.chargers[i].past_connected_evs[t]
             if ev is not None:
-                soc[j] = ev.battery.soc[t]
-                cap[j] = ev.battery.capacity
+                soc[0, j] = ev.battery.soc[t]
+                cap[0, j] = ev.battery.capacity
         return soc, cap
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, dict[str, float], bool]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
         t = self.t
-        obs, _, terminated, truncated, _ = self.env.step([action.tolist()])
+        obs, _, terminated, truncated, _ = self.env.step([actions[0].tolist()])
         b = self.building
         storage_kwh = float(b.electrical_storage.electricity_consumption[t])
         quantities = {
@@ -292,11 +296,173 @@ class CityLearnBackend:
             "bess_soc_frac": float(b.electrical_storage.soc[t]),
             "net_kwh": float(b.net_electricity_consumption[t]),
         }
-        return np.asarray(obs[0], dtype=np.float64), quantities, bool(terminated or truncated)
+        batch = {k: np.array([v]) for k, v in quantities.items()}
+        return np.asarray(obs, dtype=np.float64), batch, bool(terminated or truncated)
+
+
+class SiteStep:
+    """The env's step, for ``n_envs`` copies at once: the one place it is written.
+
+    safety layer -> simulator step -> flows -> reward -> record -> observation, over
+    [n_envs, ...] arrays. ``SiteEnv`` runs one copy on either simulator; the twin's
+    VecEnv runs n copies. A new observation feature or action mode is written here
+    once, and the twin/CityLearn parity tests cover it on both simulators.
+    """
+
+    def __init__(
+        self,
+        sim: Simulator,
+        dataset: SiteDataset,
+        reward: RewardConfig,
+        safety_layer: bool = True,
+        record: bool = True,
+    ) -> None:
+        self.sim = sim
+        self.dataset = dataset
+        self.site = dataset.site
+        self.n_envs = sim.n_envs
+        self.n_steps = sim.n_steps
+        self.n_sockets = dataset.n_sockets
+        self.weights = reward.weights
+        self.scales = reward_scales(dataset, reward)
+        self.safety_layer = safety_layer
+        self.record = record
+        self.action_space = action_space(self.n_sockets)
+        self.observation_space = observation_space(len(sim.observation_names))
+        self._step_kwh = socket_step_kwh(self.site)
+        self._price = dataset.series["price_per_kwh"].to_numpy()
+        self._carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
+        n = self.n_steps
+        state = sim.state[:, :n]
+        self._plugged = [np.flatnonzero(state[:, t] == 1) for t in range(n)]
+        self._departing = [
+            np.flatnonzero((state[:, t] == 1) & (sim.departure_steps[:, t] == 1)) for t in range(n)
+        ]
+        self.t = 0
+        self.history_arrays: dict[str, np.ndarray] = {}
+        self.components: dict[str, np.ndarray] = {}
+        self.returns = np.zeros(self.n_envs)
+        self.component_sums: dict[str, np.ndarray] = {}
+
+    def observe(self, raw: np.ndarray) -> np.ndarray:
+        """[n_envs, n_obs] observations scaled to [0, 1]."""
+        return normalize_observation(raw, self.sim.obs_low, self.sim.obs_span)
+
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray:
+        raw = self.sim.reset(seeds)
+        n = self.n_envs
+        self.t = 0
+        self._prev_import = np.zeros(n)
+        self.returns = np.zeros(n)
+        self.component_sums = {k: np.zeros(n) for k in rw.COMPONENTS}
+        if self.record:
+            self.history_arrays = {k: np.zeros((n, self.n_steps)) for k in RECORD_FIELDS}
+            self.components = {k: np.zeros((n, self.n_steps)) for k in (*rw.COMPONENTS, "total")}
+        return self.observe(raw)
+
+    def safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raise plugged sockets' actions [n_envs, socket] so that each EV can still reach
+        its required SOC; returns the new actions and the battery-side energy forced [kWh]."""
+        new = ev_action.copy()
+        forced = np.zeros_like(ev_action)
+        plugged = self._plugged[t]
+        if plugged.size == 0:
+            return new, forced
+        soc, cap = self.sim.ev_soc_and_capacity(plugged)
+        new[:, plugged], forced[:, plugged] = safety_actions(
+            ev_action[:, plugged],
+            soc,
+            cap,
+            self.sim.required_soc[plugged, t],
+            self.sim.departure_steps[plugged, t],
+            self._step_kwh,
+        )
+        return new, forced
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, bool, dict[str, np.ndarray]]:
+        """Actions [n_envs, 1 + socket] -> (observations, rewards [n_envs], done, reward parts)."""
+        t = self.t
+        a = clip_action(actions, self.action_space.low, self.action_space.high, self.n_envs)
+        ev_action = a[:, 1:]
+        forced = np.zeros_like(ev_action)
+        if self.safety_layer and self.n_sockets:
+            ev_action, forced = self.safety(ev_action, t)
+        raw, q, done = self.sim.step(np.concatenate([a[:, :1], ev_action], axis=1))
+        flows = step_flows(
+            load_kwh=q["load_kwh"],
+            pv_kwh=q["pv_kwh"],
+            ev_charging_kwh=q["ev_charging_kwh"],
+            net_kwh=q["net_kwh"],
+            carbon_kg_per_kwh=self._carbon[t],
+            price_per_kwh=self._price[t],
+        )
+        departing = self._departing[t]
+        soc_after, caps = self.sim.ev_soc_after_step(t, departing)
+        required = self.sim.required_soc[departing, t]
+        gap = departure_gap_kwh(required, soc_after, caps)
+        unmet = gap.sum(axis=1) if departing.size else np.zeros(self.n_envs)
+        parts = rw.components(
+            grid_import_kwh=flows["grid_import_kwh"],
+            prev_grid_import_kwh=self._prev_import,
+            co2_kg=flows["co2_kg"],
+            cost=flows["cost"],
+            pv_curtailed_kwh=flows["pv_curtailed_kwh"],
+            ev_unmet_kwh=unmet,
+            scales=self.scales,
+        )
+        total = rw.weighted_total(parts, self.weights)
+        self._prev_import = flows["grid_import_kwh"]
+        self.returns += total
+        for k in rw.COMPONENTS:
+            self.component_sums[k] += parts[k]
+        if self.record:
+            departures = {
+                "ev_departures": np.full(self.n_envs, float(departing.size)),
+                "ev_departures_met": (gap == 0).sum(axis=1).astype(np.float64),
+                "ev_departing_required_kwh": (required * caps).sum(axis=1),
+                "ev_unmet_kwh": unmet,
+                "ev_forced_kwh": forced.sum(axis=1),
+            }
+            self._record(t, q | flows | departures, a, ev_action, parts, total)
+        self.t = t + 1
+        return self.observe(raw), total, done, parts
+
+    def _record(
+        self,
+        t: int,
+        values: dict[str, np.ndarray],
+        a: np.ndarray,
+        ev_action: np.ndarray,
+        parts: dict[str, np.ndarray],
+        total: np.ndarray,
+    ) -> None:
+        h = self.history_arrays
+        for k, v in values.items():
+            h[k][:, t] = v
+        h["action_bess"][:, t] = a[:, 0]
+        h["action_ev_mean"][:, t] = ev_action.mean(axis=1) if ev_action.shape[1] else 0.0
+        for k, v in parts.items():
+            self.components[k][:, t] = v
+        self.components["total"][:, t] = total
+
+    def history(self, copy: int = 0) -> pd.DataFrame:
+        """One copy's episode so far, one row per step, with reward components."""
+        n = self.t
+        frame = pd.DataFrame(
+            {k: v[copy, :n] for k, v in self.history_arrays.items()},
+            index=self.dataset.index[:n],
+        )
+        frame["price_per_kwh"] = self._price[:n]
+        frame["carbon_kg_per_kwh"] = self._carbon[:n]
+        for k, v in self.components.items():
+            frame[f"reward_{k}"] = v[copy, :n]
+        return frame
 
 
 class SiteEnv(gym.Env):
-    """Central-agent env for SB3: normalised observations, pvbess reward, safety layer."""
+    """Central-agent env for SB3: one copy of ``SiteStep`` on either simulator."""
 
     metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
 
@@ -318,142 +484,53 @@ class SiteEnv(gym.Env):
         self.site = dataset.site
         self.backend_name = backend
         self.n_envs = n_envs
-        self.backend: Backend = make_backend(
+        self.backend: Simulator = make_backend(
             backend, dataset, dataset.site.seed if seed is None else seed
         )
         self.weights = reward.weights
         self.reward_config = reward
         self.safety_layer = safety_layer
-        self.scales = reward_scales(dataset, reward)
-        n = dataset.n_sockets
-        self.n_sockets = n
+        self.core = SiteStep(self.backend, dataset, reward, safety_layer=safety_layer)
+        self.scales = self.core.scales
+        self.n_sockets = dataset.n_sockets
         self.n_steps = self.backend.n_steps
-        self.action_space = action_space(n)
-        self.observation_space = observation_space(len(self.backend.observation_names))
-        self.socket_energy_kwh = self.site.ev.socket_power_kw * 1.0  # per hourly step
-        self.charger_eff = self.site.ev.charger_efficiency_frac
-        price = dataset.series["price_per_kwh"].to_numpy()
-        carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
-        self._price, self._carbon = price, carbon
-        self._history: dict[str, np.ndarray] = {}
-        self._components: dict[str, np.ndarray] = {}
-        self._t = 0
+        self.action_space = self.core.action_space
+        self.observation_space = self.core.observation_space
 
-    # -- observation -------------------------------------------------------------------------
-    def _observe(self, raw: np.ndarray) -> np.ndarray:
-        return normalize_observation(raw, self.backend.obs_low, self.backend.obs_span)
+    @property
+    def _t(self) -> int:
+        """The step the next action applies to."""
+        return self.core.t
 
-    # -- equal service ---------------------------------------------------------------------
+    def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SOC at the start of this step and capacity [kWh] of the EV at each given socket."""
+        soc, cap = self.backend.ev_soc_and_capacity(sockets)
+        return soc[0], cap[0]
+
     def apply_safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raise socket actions so each plugged-in EV can still reach its required SOC.
-
-        A vehicle with L steps left needing E kWh in its battery can receive at
-        most (L-1) full steps after this one; the rest must be delivered now.
-        Returns the new actions in [0, 1] and the battery-side energy forced [kWh].
-        """
-        b = self.backend
-        new = ev_action.copy()
-        forced = np.zeros_like(ev_action)
-        plugged = np.flatnonzero(b.state[:, t] == 1)
-        if plugged.size == 0:
-            return new, forced
-        soc, cap = b.ev_soc_and_capacity(plugged)
-        new[plugged], forced[plugged] = safety_actions(
-            ev_action[plugged],
-            soc,
-            cap,
-            b.required_soc[plugged, t],
-            b.departure_steps[plugged, t],
-            socket_step_kwh(self.site),
-        )
-        return new, forced
+        """Socket actions raised so each plugged-in EV can still reach its required SOC,
+        and the battery-side energy forced [kWh] (``SiteStep.safety`` for this copy)."""
+        new, forced = self.core.safety(np.asarray(ev_action, dtype=np.float64)[None, :], t)
+        return new[0], forced[0]
 
     # -- gym API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        raw = self.backend.reset(seed=seed)
-        self._t = 0
-        self._prev_import = 0.0
-        self._history = {k: np.zeros(self.n_steps) for k in RECORD_FIELDS}
-        self._components = {k: np.zeros(self.n_steps) for k in (*rw.COMPONENTS, "total")}
-        return self._observe(raw), {}
+        return self.core.reset([seed])[0], {}
 
     def step(self, action: np.ndarray):
-        t = self._t
-        a = clip_action(action, self.action_space.low, self.action_space.high)
-        ev_action = a[1:]
-        forced = np.zeros(self.n_sockets)
-        if self.safety_layer and self.n_sockets:
-            ev_action, forced = self.apply_safety(ev_action, t)
-        raw, q, done = self.backend.step(np.concatenate([a[:1], ev_action]))
-        rec = self._record(t, q, a, ev_action, forced)
-        parts = rw.components(
-            grid_import_kwh=np.float64(rec["grid_import_kwh"]),
-            prev_grid_import_kwh=np.float64(self._prev_import),
-            co2_kg=np.float64(rec["co2_kg"]),
-            cost=np.float64(rec["cost"]),
-            pv_curtailed_kwh=np.float64(rec["pv_curtailed_kwh"]),
-            ev_unmet_kwh=np.float64(rec["ev_unmet_kwh"]),
-            scales=self.scales,
-        )
-        total = float(rw.weighted_total(parts, self.weights))
-        for k, v in parts.items():
-            self._components[k][t] = v
-        self._components["total"][t] = total
-        self._prev_import = rec["grid_import_kwh"]
-        self._t = t + 1
-        info: dict[str, Any] = {"reward_components": {k: float(v) for k, v in parts.items()}}
+        obs, total, done, parts = self.core.step(np.asarray(action).reshape(1, -1))
+        info: dict[str, Any] = {"reward_components": {k: float(v[0]) for k, v in parts.items()}}
         if done:
             info["episode_components"] = {
-                k: float(v.sum()) for k, v in self._components.items() if k != "total"
+                k: float(v[0]) for k, v in self.core.component_sums.items()
             }
-        return self._observe(raw), total, done, False, info
-
-    def _record(
-        self, t: int, q: dict[str, float], a: np.ndarray, ev_action: np.ndarray, forced: np.ndarray
-    ) -> dict[str, float]:
-        h = self._history
-        for k, v in q.items():
-            h[k][t] = v
-        flows = step_flows(
-            load_kwh=q["load_kwh"],
-            pv_kwh=q["pv_kwh"],
-            ev_charging_kwh=q["ev_charging_kwh"],
-            net_kwh=q["net_kwh"],
-            carbon_kg_per_kwh=self._carbon[t],
-            price_per_kwh=self._price[t],
-        )
-        for k, v in flows.items():
-            h[k][t] = v
-        h["action_bess"][t] = a[0]
-        h["action_ev_mean"][t] = float(ev_action.mean()) if ev_action.size else 0.0
-        h["ev_forced_kwh"][t] = float(forced.sum())
-        b = self.backend
-        departing = (b.state[:, t] == 1) & (b.departure_steps[:, t] == 1)
-        unmet = 0.0
-        if departing.any():
-            idx = np.flatnonzero(departing)
-            soc_after, caps = b.ev_soc_and_capacity_after_step(t, idx)
-            gap = departure_gap_kwh(b.required_soc[idx, t], soc_after, caps)
-            unmet = float(gap.sum())
-            h["ev_departures"][t] = idx.size
-            h["ev_departures_met"][t] = int((gap == 0).sum())
-            h["ev_departing_required_kwh"][t] = float((b.required_soc[idx, t] * caps).sum())
-        h["ev_unmet_kwh"][t] = unmet
-        return {k: h[k][t] for k in RECORD_FIELDS}
+        return obs[0], float(total[0]), done, False, info
 
     # -- results -------------------------------------------------------------------------
     def history(self) -> pd.DataFrame:
         """The episode so far, one row per step, with reward components."""
-        n = self._t
-        frame = pd.DataFrame(
-            {k: v[:n] for k, v in self._history.items()}, index=self.dataset.index[:n]
-        )
-        frame["price_per_kwh"] = self._price[:n]
-        frame["carbon_kg_per_kwh"] = self._carbon[:n]
-        for k, v in self._components.items():
-            frame[f"reward_{k}"] = v[:n]
-        return frame
+        return self.core.history()
 
     @property
     def citylearn(self):
@@ -468,9 +545,10 @@ class SiteEnv(gym.Env):
 
 __all__ = [
     "BUILDING",
-    "Backend",
     "CityLearnBackend",
+    "Simulator",
     "SiteEnv",
+    "SiteStep",
     "action_space",
     "clip_action",
     "departure_gap_kwh",

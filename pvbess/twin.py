@@ -52,7 +52,6 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from pvbess import env as site_env
-from pvbess import reward as rw
 from pvbess.config import RewardConfig
 from pvbess.dataset import BUILDING, OBSERVATIONS, SiteDataset
 
@@ -951,16 +950,19 @@ class TwinCharger:
         self.electricity_consumption = electricity_consumption
 
 
-class TwinBackend:
-    """``CityLearnBackend``'s interface over one ``TwinCore`` copy."""
+class TwinSimulator:
+    """``n_envs`` copies of the site on one ``TwinCore``: the ``pvbess.env.Simulator`` the
+    env's step (``pvbess.env.SiteStep``) runs, for ``SiteEnv`` (one copy) and the VecEnv."""
 
-    def __init__(self, dataset: SiteDataset, seed: int | None = None) -> None:
-        self.dataset = dataset
-        self.data = TwinData.load(dataset)
-        d = self.data
-        # CityLearnEnv(random_seed=seed); its reset(seed) replaces it.
-        self.random_seed = d.random_seed if seed is None else int(seed)
-        self.core = TwinCore(d, n_envs=1, random_seeds=[self.random_seed])
+    def __init__(self, data: TwinData, n_envs: int = 1, seeds: Sequence[int | None] = ()) -> None:
+        self.data = d = data
+        self.n_envs = n_envs
+        # CityLearnEnv(random_seed=seed) per copy; a reset with a seed replaces it.
+        seeds = list(seeds) or [None] * n_envs
+        if len(seeds) != n_envs:
+            raise ValueError(f"{len(seeds)} seeds for {n_envs} copies")
+        self.random_seeds = [d.random_seed if s is None else int(s) for s in seeds]
+        self.core = TwinCore(d, n_envs=n_envs, random_seeds=self.random_seeds)
         self.n_steps = d.n_steps
         self.obs_low, self.obs_span = site_env.observation_scaling(d.obs_low32, d.obs_high32)
         self.observation_names = list(d.observation_names)
@@ -968,57 +970,74 @@ class TwinBackend:
         self.state = d.state32[:, :n]
         self.departure_steps = d.departure_steps[:, :n]
         self.required_soc = d.required_soc32[:, :n].astype(F64)
+        # The first copy's chargers, as CityLearn's (tests and plots read them).
         self._charger_kwh = np.zeros((d.n_sockets, d.n_rows), dtype=F32)
-        self._soc_after = np.zeros((d.n_sockets, n))
         self.chargers = [
             TwinCharger(sid, self._charger_kwh[s]) for s, sid in enumerate(d.socket_ids)
         ]
+        self._soc_after = np.zeros((n_envs, d.n_sockets))
+        self._soc_after_t = -1
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: SiteDataset, n_envs: int = 1, seeds: Sequence[int | None] = ()
+    ) -> TwinSimulator:
+        return cls(TwinData.load(dataset), n_envs=n_envs, seeds=seeds)
+
+    @property
+    def random_seed(self) -> int:
+        return self.random_seeds[0]
 
     @property
     def t(self) -> int:
         return self.core.t
 
-    def reset(self, seed: int | None = None) -> np.ndarray:
-        if seed is not None:
-            self.random_seed = int(seed)
-        self.core.reset([self.random_seed])
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray:
+        if seeds is not None:
+            self.random_seeds = [
+                old if s is None else int(s)
+                for old, s in zip(self.random_seeds, seeds, strict=True)
+            ]
+        self.core.reset(self.random_seeds)
         self._charger_kwh[:] = 0.0
-        self._soc_after[:] = 0.0
-        return self.core.observe()[0]
+        self._soc_after_t = -1
+        return self.core.observe()
 
     def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of this step and capacity [kWh] of the EV at each given socket."""
-        soc, cap = self.core.ev_soc_and_capacity(np.asarray(sockets, dtype=np.int64))
-        return soc[0], cap[0]
+        return self.core.ev_soc_and_capacity(np.asarray(sockets, dtype=np.int64))
 
-    def ev_soc_and_capacity_after_step(
-        self, t: int, sockets: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """SOC after step t and capacity [kWh] of the EV that was at each given socket."""
+    def ev_soc_after_step(self, t: int, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SOC after step t (the last step taken) and capacity [kWh] of the EV that was at
+        each given socket."""
+        if t != self._soc_after_t:
+            raise ValueError(f"the twin keeps the SOCs of step {self._soc_after_t} only, not {t}")
         idx = np.asarray(sockets, dtype=np.int64)
         ev = self.data.connected_ev[idx, t]
         cap = np.where(ev >= 0, self.data.ev_capacity_kwh[np.maximum(ev, 0)], 0.0)
-        return self._soc_after[idx, t].copy(), cap
+        return self._soc_after[:, idx].copy(), np.broadcast_to(cap, (self.n_envs, idx.size)).copy()
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, dict[str, float], bool]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
         core, t = self.core, self.core.t
-        a = np.asarray(action, dtype=F64).reshape(1, -1)
+        a = np.asarray(actions, dtype=F64)
         r = core.step(a[:, 0], a[:, 1:])
         self._charger_kwh[:, t] = r.charger_kwh32[0]
         socks = core.plugged(t)
-        self._soc_after[socks, t] = core.ev_soc_after_step(socks)[0][0]
-        storage_kwh = float(r.bess_energy_kwh32[0])
+        self._soc_after[:] = 0.0
+        self._soc_after[:, socks] = core.ev_soc_after_step(socks)[0]
+        self._soc_after_t = t
+        storage_kwh = r.bess_energy_kwh32.astype(F64)
         quantities = {
-            "load_kwh": float(r.load_kwh32),
-            "pv_kwh": float(r.pv_kwh32),
-            "ev_charging_kwh": float(r.ev_charging_kwh32[0]),
-            "bess_charge_kwh": max(storage_kwh, 0.0),
-            "bess_discharge_kwh": max(-storage_kwh, 0.0),
-            "bess_soc_frac": float(r.bess_soc32[0]),
-            "net_kwh": float(r.net_kwh32[0]),
+            "load_kwh": np.full(self.n_envs, F64(r.load_kwh32)),
+            "pv_kwh": np.full(self.n_envs, F64(r.pv_kwh32)),
+            "ev_charging_kwh": r.ev_charging_kwh32.astype(F64),
+            "bess_charge_kwh": np.maximum(storage_kwh, 0.0),
+            "bess_discharge_kwh": np.maximum(-storage_kwh, 0.0),
+            "bess_soc_frac": r.bess_soc32.astype(F64),
+            "net_kwh": r.net_kwh32.astype(F64),
         }
         done = core.advance()
-        return core.observe()[0], quantities, done
+        return core.observe(), quantities, done
 
 
 # -- many copies for training -----------------------------------------------------------------
@@ -1027,12 +1046,11 @@ class TwinBackend:
 class TwinVecEnv(VecEnv):
     """``n_envs`` copies of ``SiteEnv`` on the twin, stepped in one numpy call: an SB3 VecEnv.
 
-    Same spaces, observations, safety layer, reward and per-episode info as
-    ``SiteEnv`` (whose module functions it applies to the batch). The copies run in
-    lockstep over the same site data, so they all end (and reset) together; they
-    differ by their actions and their random stream for unplugged EVs (seed + i).
-    Infos carry ``episode`` (as SB3's Monitor) and ``episode_components`` at the end of
-    an episode, not the per-step ``reward_components``.
+    The step is ``pvbess.env.SiteStep`` over n copies (the same code ``SiteEnv`` runs
+    for one). The copies run in lockstep over the same site data, so they all end (and
+    reset) together; they differ by their actions and their random stream for
+    unplugged EVs (seed + i). Infos carry ``episode`` (as SB3's Monitor) and
+    ``episode_components`` at the end of an episode, not the per-step ``reward_components``.
     """
 
     def __init__(
@@ -1049,123 +1067,48 @@ class TwinVecEnv(VecEnv):
         self.dataset = dataset
         self.site = dataset.site
         self.data = TwinData.load(dataset) if data is None else data
-        d = self.data
         base_seed = dataset.site.seed if seed is None else int(seed)
-        self.core = TwinCore(d, n_envs, random_seeds=[base_seed + i for i in range(n_envs)])
+        self.sim = TwinSimulator(self.data, n_envs, seeds=[base_seed + i for i in range(n_envs)])
+        self.core = self.sim.core
+        self.step_fn = site_env.SiteStep(
+            self.sim, dataset, reward, safety_layer=safety_layer, record=False
+        )
         self.render_mode = None
         self.safety_layer = safety_layer
-        self.weights = reward.weights
-        self.scales = site_env.reward_scales(dataset, reward)
-        self.n_sockets = d.n_sockets
-        self.n_steps = d.n_steps
-        action_space = site_env.action_space(d.n_sockets)
-        observation_space = site_env.observation_space(len(d.observation_names))
-        self.obs_low, self.obs_span = site_env.observation_scaling(d.obs_low32, d.obs_high32)
-        self.observation_names = list(d.observation_names)
-        self._action_low = action_space.low
-        self._action_high = action_space.high
-        self._step_kwh = site_env.socket_step_kwh(self.site)
-        self._price = dataset.series["price_per_kwh"].to_numpy()
-        self._carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
-        n = d.n_steps
-        self._required = d.required_soc32[:, :n].astype(F64)
-        self._departure = d.departure_steps[:, :n]
-        state = d.state32[:, :n]
-        self._safety_sockets = [np.flatnonzero(state[:, t] == 1) for t in range(n)]
-        self._departing = [
-            np.flatnonzero((state[:, t] == 1) & (self._departure[:, t] == 1)) for t in range(n)
-        ]
-        self._actions = np.zeros((n_envs, d.n_sockets + 1))
-        super().__init__(n_envs, observation_space, action_space)
+        self.n_sockets = self.data.n_sockets
+        self.n_steps = self.data.n_steps
+        self.observation_names = self.sim.observation_names
+        self.obs_low, self.obs_span = self.sim.obs_low, self.sim.obs_span
+        self._actions = np.zeros((n_envs, self.n_sockets + 1))
+        super().__init__(n_envs, self.step_fn.observation_space, self.step_fn.action_space)
         self._created = time.time()
-        self._prev_import = np.zeros(n_envs)
-        self._return = np.zeros(n_envs)
-        self._component_sums = {k: np.zeros(n_envs) for k in rw.COMPONENTS}
 
     # -- VecEnv API ------------------------------------------------------------------------
     def reset(self) -> VecEnvObs:
-        seeds = self._seeds
-        if any(s is not None for s in seeds):
-            self.core.random_seeds = [
-                old if s is None else int(s)
-                for old, s in zip(self.core.random_seeds, seeds, strict=True)
-            ]
+        seeds = list(self._seeds)
         self._reset_seeds()
         self._reset_options()
-        return self._start_episode()
+        return self.step_fn.reset(seeds)
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = site_env.clip_action(
-            actions, self._action_low, self._action_high, n_envs=self.num_envs
-        )
+        self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        core, t = self.core, self.core.t
-        a = self._actions
-        ev_action = a[:, 1:].copy()
-        if self.safety_layer and self.n_sockets:
-            plugged = self._safety_sockets[t]
-            if plugged.size:
-                soc, cap = core.ev_soc_and_capacity(plugged)
-                ev_action[:, plugged], _ = site_env.safety_actions(
-                    ev_action[:, plugged],
-                    soc,
-                    cap,
-                    self._required[plugged, t],
-                    self._departure[plugged, t],
-                    self._step_kwh,
-                )
-        r = core.step(a[:, 0], ev_action)
-        flows = site_env.step_flows(
-            load_kwh=F64(r.load_kwh32),
-            pv_kwh=F64(r.pv_kwh32),
-            ev_charging_kwh=r.ev_charging_kwh32.astype(F64),
-            net_kwh=r.net_kwh32.astype(F64),
-            carbon_kg_per_kwh=self._carbon[t],
-            price_per_kwh=self._price[t],
-        )
-        unmet = np.zeros(self.num_envs)
-        departing = self._departing[t]
-        if departing.size:
-            soc_after, caps = core.ev_soc_after_step(departing)
-            gap = site_env.departure_gap_kwh(self._required[departing, t], soc_after, caps)
-            unmet = gap.sum(axis=1)
-        parts = rw.components(
-            grid_import_kwh=flows["grid_import_kwh"],
-            prev_grid_import_kwh=self._prev_import,
-            co2_kg=flows["co2_kg"],
-            cost=flows["cost"],
-            pv_curtailed_kwh=flows["pv_curtailed_kwh"],
-            ev_unmet_kwh=unmet,
-            scales=self.scales,
-        )
-        total = rw.weighted_total(parts, self.weights)
-        self._prev_import = flows["grid_import_kwh"]
-        self._return += total
-        for k in rw.COMPONENTS:
-            self._component_sums[k] += parts[k]
-        done = core.advance()
-        obs = site_env.normalize_observation(core.observe(), self.obs_low, self.obs_span)
+        step = self.step_fn
+        obs, total, done, _ = step.step(self._actions)
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if done:
             elapsed = round(time.time() - self._created, 6)  # as SB3's Monitor
             for i, info in enumerate(infos):
                 info["terminal_observation"] = obs[i]
                 info["TimeLimit.truncated"] = False
-                info["episode"] = {"r": float(self._return[i]), "l": core.t, "t": elapsed}
+                info["episode"] = {"r": float(step.returns[i]), "l": step.t, "t": elapsed}
                 info["episode_components"] = {
-                    k: float(v[i]) for k, v in self._component_sums.items()
+                    k: float(v[i]) for k, v in step.component_sums.items()
                 }
-            obs = self._start_episode()
+            obs = step.reset()
         dones = np.full(self.num_envs, done)
         return obs, total.astype(np.float32), dones, infos
-
-    def _start_episode(self) -> np.ndarray:
-        self.core.reset()
-        self._prev_import = np.zeros(self.num_envs)
-        self._return = np.zeros(self.num_envs)
-        self._component_sums = {k: np.zeros(self.num_envs) for k in rw.COMPONENTS}
-        return site_env.normalize_observation(self.core.observe(), self.obs_low, self.obs_span)
 
     def close(self) -> None:
         return None
@@ -1190,10 +1133,10 @@ class TwinVecEnv(VecEnv):
 __all__ = [
     "BatteryParams",
     "StepResult",
-    "TwinBackend",
     "TwinCharger",
     "TwinCore",
     "TwinData",
+    "TwinSimulator",
     "TwinVecEnv",
     "observation_bounds",
 ]

@@ -117,15 +117,15 @@ def _episode(env: SiteEnv, make_policy: PolicyMaker, seed: int | None = SEED) ->
     sent: list[np.ndarray] = []
     reset, step = b.reset, b.step
 
-    def recording_reset(seed: int | None = None) -> np.ndarray:
-        obs = reset(seed=seed)
-        raw.append(np.array(obs))
+    def recording_reset(seeds=None) -> np.ndarray:
+        obs = reset(seeds)
+        raw.append(np.array(obs[0]))
         return obs
 
-    def recording_step(action: np.ndarray):
-        sent.append(np.array(action))
-        obs, quantities, done = step(action)
-        raw.append(np.array(obs))
+    def recording_step(actions: np.ndarray):
+        sent.append(np.array(actions[0]))
+        obs, quantities, done = step(actions)
+        raw.append(np.array(obs[0]))
         return obs, quantities, done
 
     b.reset, b.step = recording_reset, recording_step
@@ -138,9 +138,9 @@ def _episode(env: SiteEnv, make_policy: PolicyMaker, seed: int | None = SEED) ->
         while not done:
             assert t < env.n_steps, "the episode does not end"
             plugged = np.flatnonzero(b.state[:, t] == 1)
-            soc[t, plugged], cap[t, plugged] = b.ev_soc_and_capacity(plugged)
+            soc[t, plugged], cap[t, plugged] = env.ev_soc_and_capacity(plugged)
             obs, reward, done, _, _ = env.step(policy(obs))
-            soc_after[t, plugged] = b.ev_soc_and_capacity_after_step(t, plugged)[0]
+            soc_after[t, plugged] = b.ev_soc_after_step(t, plugged)[0][0]
             observations.append(obs)
             rewards.append(reward)
             t += 1
