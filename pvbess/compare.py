@@ -29,13 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from pvbess import config, tracking
 from pvbess.checks import CHECK_TAG
 from pvbess.reward import COMPONENTS
+from pvbess.units import HOURS_PER_YEAR
 
 log = logging.getLogger(__name__)
 config.register()
 
 BASELINE = "uncontrolled"
 OPTIMUM = "optimal"
-HOURS_PER_YEAR = 8760.0
 LEARNING_CURVE_METRIC = "learning/co2_kg"
 
 # Table columns: (column title, eval metric, scale to the shown unit).

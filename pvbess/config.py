@@ -16,6 +16,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pvbess.units import HOURS_PER_YEAR
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
@@ -94,7 +96,7 @@ class LoadConfig:
             self.source in ("generated", "csv"), "site.load.source", "must be generated or csv"
         )
         _require(self.annual_energy_kwh > 0, "site.load.annual_energy_kwh", "must be > 0")
-        mean_kw = self.annual_energy_kwh / 8760.0
+        mean_kw = self.annual_energy_kwh / HOURS_PER_YEAR
         _require(
             self.peak_kw > mean_kw,
             "site.load.peak_kw",

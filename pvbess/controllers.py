@@ -20,6 +20,7 @@ import pandas as pd
 from pvbess import optimal, tariff
 from pvbess.battery import one_way_efficiency_frac
 from pvbess.env import SiteEnv
+from pvbess.units import STEP_HOURS
 
 
 class Controller:
@@ -42,7 +43,7 @@ class Controller:
         self.seed = seed
         site = site_env.site
         self.bess_power_kw = site.bess.power_kw
-        self.socket_kwh = site.ev.socket_power_kw * optimal.STEP_HOURS
+        self.socket_kwh = site.ev.socket_power_kw * STEP_HOURS
         self.charger_eff = site.ev.charger_efficiency_frac
         self.action_shape = site_env.action_space.shape
         self._low = site_env.action_space.low
@@ -118,10 +119,8 @@ class RuleBased(Controller):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"agent.{key}: must be in [0, 1], got {value}")
         self.ev_from_surplus = ev_from_surplus
-        self.peak_discharge_kwh = peak_discharge_frac * self.bess_power_kw * optimal.STEP_HOURS
-        self.offpeak_discharge_kwh = (
-            offpeak_discharge_frac * self.bess_power_kw * optimal.STEP_HOURS
-        )
+        self.peak_discharge_kwh = peak_discharge_frac * self.bess_power_kw * STEP_HOURS
+        self.offpeak_discharge_kwh = offpeak_discharge_frac * self.bess_power_kw * STEP_HOURS
         bess = site.bess
         self.floor_kwh = bess.capacity_kwh * bess.soc_min_frac
         self.reserve_kwh = max(bess.capacity_kwh * reserve_soc_frac, self.floor_kwh)
@@ -167,7 +166,7 @@ class RuleBased(Controller):
         sockets, _ = self.env.apply_safety(sockets, t)
         residual_kwh = surplus_kwh - float(sockets.sum()) * self.socket_kwh
         if residual_kwh >= 0:
-            bess_kwh = min(residual_kwh, self.bess_power_kw * optimal.STEP_HOURS)
+            bess_kwh = min(residual_kwh, self.bess_power_kw * STEP_HOURS)
         else:
             stored = self.stored_kwh(observation)
             if self.peak[t]:
@@ -213,7 +212,7 @@ class Optimal(Controller):
         bess_net_kwh = s.bess_charge_kwh - s.bess_discharge_kwh
         self.actions = np.column_stack(
             [
-                bess_net_kwh / (self.bess_power_kw * optimal.STEP_HOURS),
+                bess_net_kwh / (self.bess_power_kw * STEP_HOURS),
                 (s.ev_grid_kwh / self.socket_kwh).T,
             ]
         ).astype(np.float32)

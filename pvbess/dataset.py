@@ -28,6 +28,7 @@ from pvbess import battery, ev_sessions, load, plots, pv, tariff
 from pvbess.config import ConfigError, SiteConfig, validate_site
 from pvbess.errors import DataError
 from pvbess.timeseries_io import read_series
+from pvbess.units import STEP_HOURS
 from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 # 2: manifest.json closes a folder; user files hashed by content only; summary warnings.
 DATA_VERSION = "2"
 BUILDING = "mall"
-STEP_HOURS = 1.0
 MANIFEST = "manifest.json"
 SERIES_COLUMNS = ("pv_kwh", "load_kwh", "price_per_kwh", "carbon_kg_per_kwh")
 

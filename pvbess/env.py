@@ -27,6 +27,7 @@ import pandas as pd
 from pvbess import reward as rw
 from pvbess.config import BACKENDS, RewardConfig, SiteConfig
 from pvbess.dataset import BUILDING, SiteDataset
+from pvbess.units import STEP_HOURS
 
 os.environ.setdefault("CITYLEARN_OFFLINE", "1")
 
@@ -189,7 +190,7 @@ def departure_gap_kwh(
 
 def socket_step_kwh(site: SiteConfig) -> float:
     """Battery-side energy one socket delivers in a full hourly step [kWh]."""
-    return site.ev.socket_power_kw * 1.0 * site.ev.charger_efficiency_frac
+    return site.ev.socket_power_kw * STEP_HOURS * site.ev.charger_efficiency_frac
 
 
 def reward_scales(dataset: SiteDataset, reward: RewardConfig) -> rw.RewardScales:

@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pvbess.reward import COMPONENTS
-
-STEP_HOURS = 1.0
+from pvbess.units import STEP_HOURS
 
 
 def energy_balance_residual_kwh(ts: pd.DataFrame) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pvbess.config import ConfigError
+from pvbess.units import SECONDS_PER_HOUR
 
 # Shape of the raw profile, in units of the weekday opening-hours level above
 # the base. Chillers, refrigeration and security lighting run all night in a
@@ -48,12 +49,12 @@ def _step_hours(index: pd.DatetimeIndex) -> float:
     if len(index) == 1:
         if index.freq is None:
             raise ValueError("a one-step index needs a freq to define its step")
-        return pd.Timedelta(index.freq).total_seconds() / 3600.0
+        return pd.Timedelta(index.freq).total_seconds() / SECONDS_PER_HOUR
     # Via Timedelta, not asi8: pandas 3 indexes may be in us rather than ns.
     steps_s = np.asarray((index[1:] - index[:-1]).total_seconds(), dtype=float)
     if not np.allclose(steps_s, steps_s[0]):
         raise ValueError("index must have a uniform step")
-    return float(steps_s[0]) / 3600.0
+    return float(steps_s[0]) / SECONDS_PER_HOUR
 
 
 def _activity(local_hour: np.ndarray, open_hour: float, close_hour: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import pvlib
 from scipy import optimize, signal, stats
 
 from pvbess.config import ConfigError
+from pvbess.units import HOURS_PER_YEAR, SECONDS_PER_HOUR
 
 COLUMNS = ("ghi_w_m2", "dni_w_m2", "dhi_w_m2", "temp_air_c", "dc_power_kw", "ac_power_kw")
 
@@ -70,12 +71,12 @@ def _step_hours(index: pd.DatetimeIndex) -> float:
     if len(index) == 1:
         if index.freq is None:
             raise ValueError("a one-step index needs a freq to define its step")
-        return pd.Timedelta(index.freq).total_seconds() / 3600.0
+        return pd.Timedelta(index.freq).total_seconds() / SECONDS_PER_HOUR
     # Via Timedelta, not asi8: pandas 3 indexes may be in us rather than ns.
     steps_s = np.asarray((index[1:] - index[:-1]).total_seconds(), dtype=float)
     if not np.allclose(steps_s, steps_s[0]):
         raise ValueError("index must have a uniform step")
-    return float(steps_s[0]) / 3600.0
+    return float(steps_s[0]) / SECONDS_PER_HOUR
 
 
 def clear_sky_ghi_w_m2(
@@ -335,7 +336,7 @@ def specific_yield_kwh_per_kwp(
         raise ValueError("ac_power_kw contains NaN")
     covered_h = len(ac_power_kw) * step_hours
     energy_kwh = float(ac_power_kw.sum()) * step_hours
-    return energy_kwh / dc_kwp * 8760.0 / covered_h
+    return energy_kwh / dc_kwp * HOURS_PER_YEAR / covered_h
 
 
 def from_config(index: pd.DatetimeIndex, site: Any) -> pd.DataFrame:
