@@ -38,8 +38,8 @@ compare: install ## Compare the site's runs from MLflow: make compare ARGS="site
 SITE ?= iquitos_mall
 BUDGET ?= 87600
 compare-all: install ## The whole study for SITE: 3 baselines, PPO/SAC/A2C at BUDGET steps, then compare
-	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=uncontrolled,rbc,optimal $(ARGS)
-	$(BIN)/python -m pvbess.train --multirun site=$(SITE) agent=ppo,sac,a2c total_timesteps=$(BUDGET) $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun experiment=study_baselines site=$(SITE) $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun experiment=study_learners site=$(SITE) total_timesteps=$(BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE)
 
 sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make sweep ARGS="agent=ppo,sac,a2c seed=0,1,2 site=tiny"

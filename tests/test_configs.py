@@ -15,7 +15,7 @@ from .conftest import CONF, ROOT, compose_cfg
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("agent", "reward", "site", "device")
+    for group in ("agent", "reward", "site", "device", "env", "experiment")
 }
 
 
@@ -23,9 +23,12 @@ GROUPS = {
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose_cfg([f"{group}={option}"])
     typed = config.validate(cfg)
-    assert cfg[group] is not None
+    if group != "experiment":  # '# @package _global_': no key of its own
+        assert cfg[group] is not None
     if group == "agent":
         assert callable(instantiate(cfg.agent))
+    if group == "env":
+        assert typed.env.backend == option
     if group == "site":
         assert typed.site.name == option
         assert sum(c.sockets for c in typed.site.ev.classes.values()) > 0
@@ -106,3 +109,19 @@ def test_bad_override_exits_nonzero_naming_the_key(override: str, needle: str, t
     assert needle in proc.stderr + proc.stdout
     # Failed before any work: no dataset was built.
     assert not (tmp_path / "data").exists()
+
+
+def test_study_presets_sweep_what_make_compare_all_runs() -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose("train", return_hydra_config=True)
+        swept = {}
+        for name in GROUPS["experiment"]:
+            cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+            swept[name] = dict(cfg.hydra.sweeper.params)
+            # A preset holds only what it changes: everything outside hydra is the default.
+            cfg.hydra = base.hydra
+            assert cfg == base, name
+    assert swept["study_baselines"]["agent"].split(",") == ["uncontrolled", "rbc", "optimal"]
+    assert swept["study_learners"]["agent"].split(",") == ["ppo", "sac", "a2c"]
