@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -13,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from pvbess import config, sweep, tune
 
-from .conftest import CONF
+from .conftest import CONF, ROOT
 from .test_sweep import TINY, check_complete, client_for, family, run_module
 
 PARSER = OverridesParser.create()
@@ -36,6 +41,7 @@ def test_dimensions_from_the_sweep_grammar() -> None:
     assert _dim("agent.n_epochs=int(interval(3, 20))").distribution == IntDistribution(3, 20)
     assert _dim("agent.gamma=interval(0.9, 1)").distribution == FloatDistribution(0.9, 1.0)
     assert _dim("agent.n_steps=range(8,33,8)").distribution == IntDistribution(8, 32, step=8)
+    assert _dim("agent.n_steps=range(32,7,-8)").distribution == IntDistribution(8, 32, step=8)
     arch = _dim("+agent.policy_kwargs=choice({net_arch:[64,64]},{net_arch:[256]})")
     assert isinstance(arch.distribution, CategoricalDistribution)
     assert arch.name == "agent.policy_kwargs" and arch.key == "+agent.policy_kwargs"
@@ -85,6 +91,8 @@ def test_every_search_file_plans(agent: str, tmp_path, monkeypatch) -> None:
         (["hparams_search=ppo_optuna", "agent.learnin_rate=interval(0,1)"], "does not compose"),
         (["hparams_search=ppo_optuna", "tune.direction=up"], "maximize or minimize"),
         (["hparams_search=ppo_optuna", "hydra.run.dir=/x"], "set by pvbess.tune"),
+        (["hparams_search=ppo_optuna", "agent.gamma=interval(0.9"], "interval\\(0.9"),
+        (["hparams_search=ppo_optuna", "agent.n_steps=range(5,1)"], "the range is empty"),
     ],
 )
 def test_plan_refuses_bad_input(args: list[str], message: str, tmp_path, monkeypatch) -> None:
@@ -157,3 +165,36 @@ def test_two_trial_search(tmp_path: Path) -> None:
     cfg.paths.output_dir = str(tmp_path / "out")
     config.validate(cfg)
     assert callable(instantiate(cfg.agent))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_trials(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group): the trials stop, the parent is KILLED, exit 130."""
+    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
+    env.pop(sweep.PARENT_ENV, None)
+    args = ["hparams_search=ppo_optuna", "site=tiny", "env.n_envs=1", "agent.n_steps=32"]
+    args += ["agent.batch_size=32", "total_timesteps=100000", "tune.n_trials=4", "tune.n_jobs=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvbess.tune", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until both trials train
+        logs = list(tmp_path.glob("multirun/*/*/*/stdout.log"))
+        if len(logs) == 2 and all("MLflow run" in f.read_text(errors="replace") for f in logs):
+            break
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode(errors="replace")
+    assert proc.returncode == 130, out[-3000:]
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # no trial started after
+    parent, kids = family(client_for(tmp_path))
+    assert parent.info.status == "KILLED"
+    assert sorted(k.info.status for k in kids) == ["KILLED", "KILLED"]
