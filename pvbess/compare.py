@@ -93,7 +93,16 @@ def select_runs(client: MlflowClient, sel: Selection) -> list[Run]:
 
 # What defines an experiment, except the seed: runs equal in all of these are seeds
 # of one row; any difference makes another row.
-GROUP_KEYS = ["agent", "reward", "reward_config", "hparams", "site_data", "budget", "env"]
+GROUP_KEYS = [
+    "agent",
+    "reward",
+    "reward_config",
+    "hparams",
+    "site_data",
+    "train_data",
+    "budget",
+    "env",
+]
 
 
 def _weights(params: dict[str, str]) -> dict[str, float]:
@@ -112,6 +121,11 @@ def objective(metrics: dict[str, float], weights: dict[str, float]) -> float:
     return -hours * sum(w * metrics[f"eval/reward_{c}_mean"] for c, w in weights.items())
 
 
+def _train_data(tags: dict[str, str]) -> str:
+    seeds = tags.get("train_seeds", "?")
+    return seeds + ("*" if tags.get("eval_on_training_data") == "true" else "")
+
+
 def runs_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run: what defines its experiment, its eval KPIs (per year where that
     makes sense) and its objective J."""
@@ -128,7 +142,11 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "reward": tags.get("reward", "?"),
             "reward_config": tracking.params_digest(params, "reward."),
             "hparams": tracking.params_digest(params, "agent."),
-            "site_data": tags.get("site_data_hash", "?"),
+            # The evaluation data: only runs evaluated on the same data are compared.
+            "site_data": tags.get("eval_data_hash") or tags.get("site_data_hash", "?"),
+            # The years a learner trained on (their seeds; '*' when the evaluation
+            # year was one of them).
+            "train_data": _train_data(tags) if learned else "-",
             # The training budget asked for; a controller trains nothing, and its
             # result does not depend on a training env it never used.
             "budget": int(params.get("total_timesteps", 0)) if learned else 0,
@@ -220,8 +238,8 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         )
     if out.site_data.nunique() > 1:
         notes.append(
-            f"{out.site_data.nunique()} different site datasets: rows are compared only with "
-            "the baselines on their own data (column 'site data')."
+            f"{out.site_data.nunique()} different evaluation datasets: rows are compared only "
+            "with the baselines on their own data (column 'eval data')."
         )
     share, d_co2, d_cost, d_peak, d_unmet = [], [], [], [], []
     for row in out.itertuples():
@@ -270,7 +288,7 @@ def _labels(t: pd.DataFrame) -> list[str]:
         same = [j for j, n in enumerate(base) if n == name]
         extra = []
         if len(same) > 1:
-            for key in ("hparams", "budget", "env", "site_data", "reward_config"):
+            for key in ("hparams", "budget", "env", "train_data", "site_data", "reward_config"):
                 if t[key].iloc[same].nunique() > 1:
                     extra.append(f"{key}={t[key].iloc[i]}")
         labels.append(name + (f" [{' '.join(extra)}]" if extra else ""))
@@ -285,7 +303,8 @@ def display_frame(t: pd.DataFrame) -> pd.DataFrame:
             "agent": [a + m for a, m in zip(t.agent, mark, strict=True)],
             "reward": t.reward,
             "hparams": t.hparams,
-            "site data": t.site_data,
+            "eval data": t.site_data,
+            "train years": t.train_data,
             "budget [steps]": t.budget,
             "env": t.env,
             "seeds": t.seeds,
@@ -460,6 +479,7 @@ TERMINAL_COLUMNS = [
     "agent",
     "reward",
     "hparams",
+    "train years",
     "budget [steps]",
     "env",
     "seeds",

@@ -310,13 +310,19 @@ BACKENDS = ("citylearn", "twin")
 
 @dataclass
 class EnvConfig:
-    _target_: str = "pvbess.env.SiteEnv"
+    _target_: str = "pvbess.env.build_envs"
     _partial_: bool = True
     backend: str = "twin"
     safety_layer: bool = True
     # Env copies stepped at once in one numpy call for training (pvbess.twin.TwinVecEnv);
     # > 1 needs backend twin.
     n_envs: int = 8
+    # Site seeds of the years learners train on (other weather, load noise and EV
+    # arrivals; the episodes cycle through them). Every controller is evaluated on
+    # the year of site.seed, which no learner sees unless eval_on_training_data.
+    train_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # Allow site.seed among train_seeds: evaluation on a training year (tagged).
+    eval_on_training_data: bool = False
 
     def check(self) -> None:
         _require(
@@ -329,6 +335,12 @@ class EnvConfig:
             self.n_envs == 1 or self.backend == "twin",
             "env.n_envs",
             f"{self.n_envs} copies need env.backend=twin (got {self.backend!r})",
+        )
+        _require(len(self.train_seeds) >= 1, "env.train_seeds", "needs at least one site seed")
+        _require(
+            len(set(self.train_seeds)) == len(self.train_seeds),
+            "env.train_seeds",
+            f"has a seed twice: {list(self.train_seeds)}",
         )
 
 
@@ -384,6 +396,14 @@ class TrainConfig:
             self.checkpoint_every >= 1,
             "checkpoint_every",
             f"must be >= 1, got {self.checkpoint_every}",
+        )
+        _require(
+            self.env.eval_on_training_data or self.site.seed not in self.env.train_seeds,
+            "env.train_seeds",
+            f"{list(self.env.train_seeds)} contains the evaluation year (site.seed="
+            f"{self.site.seed}): learners must be evaluated on a year they never saw; choose "
+            "other seeds, or set env.eval_on_training_data=true to evaluate on a training "
+            "year (the run is tagged eval_on_training_data)",
         )
         _require(
             "_target_" in self.agent,

@@ -135,9 +135,10 @@ class RuleBased(Controller):
 
     def stored_kwh(self, observation: np.ndarray) -> float:
         """The battery's stored energy from the observed SOC [kWh]."""
-        b = self.env.backend
+        scaling = self.env.core  # the bounds the env scaled this observation with
         i = self._soc_index
-        soc = float(np.asarray(observation).reshape(-1)[i]) * b.obs_span[i] + b.obs_low[i]
+        soc = float(np.asarray(observation).reshape(-1)[i]) * scaling.obs_span[i]
+        soc += scaling.obs_low[i]
         return soc * self.ceiling_kwh
 
     def ev_from_pv(self, t: int, surplus_kwh: float) -> np.ndarray:

@@ -16,8 +16,10 @@ is n copies.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -30,6 +32,7 @@ from pvbess.dataset import BUILDING, SiteDataset
 from pvbess.units import STEP_HOURS
 
 os.environ.setdefault("CITYLEARN_OFFLINE", "1")
+log = logging.getLogger(__name__)
 
 # Per-step quantities recorded in the timeseries, all [kWh per step] unless named otherwise.
 RECORD_FIELDS = (
@@ -330,6 +333,10 @@ class SiteStep:
         self.record = record
         self.action_space = action_space(self.n_sockets)
         self.observation_space = observation_space(len(sim.observation_names))
+        # What scales observations to [0, 1]: the simulator's own bounds, or bounds shared
+        # by every year a learner sees (``shared_obs_bounds``), so that one raw value is
+        # one observation whichever year it comes from.
+        self.obs_low, self.obs_span = sim.obs_low, sim.obs_span
         self._step_kwh = socket_step_kwh(self.site)
         self._price = dataset.series["price_per_kwh"].to_numpy()
         self._carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
@@ -347,7 +354,13 @@ class SiteStep:
 
     def observe(self, raw: np.ndarray) -> np.ndarray:
         """[n_envs, n_obs] observations scaled to [0, 1]."""
-        return normalize_observation(raw, self.sim.obs_low, self.sim.obs_span)
+        return normalize_observation(raw, self.obs_low, self.obs_span)
+
+    def set_obs_bounds(self, low: np.ndarray, span: np.ndarray) -> None:
+        """Scale observations with these bounds [raw units] instead of the simulator's."""
+        if low.shape != self.obs_low.shape:
+            raise ValueError(f"{low.shape[0]} bounds for {self.obs_low.shape[0]} observations")
+        self.obs_low, self.obs_span = low, span
 
     def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray:
         raw = self.sim.reset(seeds)
@@ -564,35 +577,118 @@ __all__ = [
 ]
 
 
-def agent_envs(
-    site_env: SiteEnv, reward: RewardConfig, learns: bool, seed: int
-) -> tuple[Any, SiteEnv]:
-    """(the env an agent is built and trained on, the env it is evaluated on).
+def shared_obs_bounds(steps: Sequence[SiteStep]) -> tuple[np.ndarray, np.ndarray]:
+    """One scaling for several years: the lowest low and the highest high of their
+    simulators' observation bounds [raw units] -> (low, span)."""
+    low = np.min([s.sim.obs_low for s in steps], axis=0)
+    high = np.max([s.sim.obs_low + s.sim.obs_span for s in steps], axis=0)
+    return low, np.maximum(high - low, 1e-9)
 
-    Every reported figure comes from CityLearn: with ``env.backend=twin`` a learning
-    agent trains on the twin (``n_envs`` > 1: the twin's VecEnv of that many copies)
-    and is evaluated on CityLearn. A controller (``learns`` false) reads the env it
-    was built on at every step, so it is built on the evaluation env.
+
+class YearCycle(gym.Env):
+    """One env over several years of the site: each reset moves to the next year's env."""
+
+    metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
+
+    def __init__(self, envs: Sequence[SiteEnv]) -> None:
+        super().__init__()
+        self.envs = list(envs)
+        self.index = -1
+        self.action_space = self.envs[0].action_space
+        self.observation_space = self.envs[0].observation_space
+
+    @property
+    def current(self) -> SiteEnv:
+        return self.envs[max(self.index, 0)]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.index = (self.index + 1) % len(self.envs)
+        return self.current.reset(seed=seed, options=options)
+
+    def step(self, action: np.ndarray):
+        return self.current.step(action)
+
+
+@dataclass
+class Envs:
+    """The envs of one run: where the agent trains, where it is evaluated (CityLearn, the
+    evaluation year), where its learning curve is measured, and what they hold."""
+
+    train: Any
+    evaluate: SiteEnv
+    curve: SiteEnv | None
+    train_datasets: list[SiteDataset]
+    tags: dict[str, str]
+
+
+def build_envs(
+    *,
+    dataset: SiteDataset,
+    reward: RewardConfig,
+    learns: bool,
+    seed: int,
+    data_dir: str | None = None,
+    backend: str = "twin",
+    n_envs: int = 1,
+    safety_layer: bool = True,
+    train_seeds: Sequence[int] = (1, 2, 3),
+    eval_on_training_data: bool = False,
+    learning_curve: bool = True,
+) -> Envs:
+    """Every env of a run (``env._target_``).
+
+    Every reported figure comes from CityLearn on ``dataset``, the evaluation year
+    (``site.seed``). A learning agent trains on the years of ``train_seeds`` (the same
+    site built with those seeds; each episode the next year), on ``backend`` in
+    ``n_envs`` copies (> 1: the twin's VecEnv), with observations scaled by bounds
+    shared by its training years; its evaluation and learning curve (the twin, the
+    evaluation year) use the same scaling. A controller (``learns`` false) reads the
+    env it acts in at every step, so it is built on the evaluation env.
     """
     from stable_baselines3.common.monitor import Monitor
 
-    eval_env = site_env
-    if site_env.backend_name != "citylearn":
-        eval_env = SiteEnv(
-            site_env.dataset, reward, backend="citylearn", safety_layer=site_env.safety_layer
-        )
+    from pvbess import dataset as ds_module
+
+    evaluate = SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer)
+    tags = {"eval_data_hash": dataset.data_hash}
     if not learns:
-        return Monitor(eval_env), eval_env
-    if site_env.n_envs > 1:
+        return Envs(Monitor(evaluate), evaluate, None, [], tags)
+    if dataset.site.seed in train_seeds and not eval_on_training_data:
+        raise ValueError(f"env.train_seeds {list(train_seeds)} contains site.seed")
+    if data_dir is None:
+        raise ValueError("build_envs needs data_dir to build the training years")
+    years = [ds_module.build(replace(dataset.site, seed=int(s)), data_dir) for s in train_seeds]
+    tags |= {
+        "train_seeds": ",".join(str(s) for s in train_seeds),
+        "train_data_hashes": ",".join(y.data_hash for y in years),
+        "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
+    }
+    if n_envs > 1:
         from pvbess.twin import TwinVecEnv
 
-        vec = TwinVecEnv(
-            site_env.dataset,
-            reward,
-            n_envs=site_env.n_envs,
-            safety_layer=site_env.safety_layer,
-            seed=seed,
-            data=site_env.backend.data,  # the site's files, read once
-        )
-        return vec, eval_env
-    return Monitor(site_env), eval_env
+        train: Any = TwinVecEnv(years, reward, n_envs=n_envs, safety_layer=safety_layer, seed=seed)
+        steps = train.steps
+    else:
+        year_envs = [SiteEnv(y, reward, backend=backend, safety_layer=safety_layer) for y in years]
+        train = Monitor(YearCycle(year_envs))
+        steps = [e.core for e in year_envs]
+    low, span = shared_obs_bounds(steps)
+    for step in steps:
+        step.set_obs_bounds(low, span)
+    evaluate.core.set_obs_bounds(low, span)
+    curve = None
+    if learning_curve:
+        curve = _curve_env(dataset, reward, safety_layer)
+        curve.core.set_obs_bounds(low, span)
+    return Envs(train, evaluate, curve, years, tags)
+
+
+def _curve_env(dataset: SiteDataset, reward: RewardConfig, safety_layer: bool) -> SiteEnv:
+    """The env of the learning curve: the twin when it models the schema (bit-exact with
+    CityLearn, ~30x faster, seconds per point), else CityLearn."""
+    try:
+        return SiteEnv(dataset, reward, backend="twin", safety_layer=safety_layer)
+    except NotImplementedError as exc:
+        log.info("learning curve on CityLearn (the twin does not model this schema: %s)", exc)
+        return SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer)

@@ -104,23 +104,6 @@ def evaluate(
 LEARNING_CURVE_KPIS = ("co2_kg", "grid_import_kwh", "cost", "ev_unmet_kwh", "reward_total_mean")
 
 
-def learning_curve_env(env: SiteEnv) -> SiteEnv:
-    """A separate env for evaluations during training: the twin when it models the schema.
-
-    The twin is bit-exact with CityLearn for pvbess's schemas and ~30x faster, so
-    the learning curve costs seconds per point; CityLearn is used otherwise.
-    """
-    try:
-        return SiteEnv(
-            env.dataset, env.reward_config, backend="twin", safety_layer=env.safety_layer
-        )
-    except NotImplementedError as exc:
-        log.info("learning curve on CityLearn (the twin does not model this schema: %s)", exc)
-        return SiteEnv(
-            env.dataset, env.reward_config, backend="citylearn", safety_layer=env.safety_layer
-        )
-
-
 def learning_curve_callback(env: SiteEnv, every_steps: int, log_metrics: Any) -> Any:
     """An SB3 callback: every ``every_steps`` training steps, one deterministic episode.
 

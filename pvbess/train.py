@@ -95,7 +95,6 @@ def run_experiment(
     from hydra.utils import get_class, instantiate
 
     from pvbess import checkpoints, checks, evaluation, tracking
-    from pvbess.env import agent_envs
 
     name = agent_name(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -104,14 +103,21 @@ def run_experiment(
         checkpoints.write_run_files(out_dir, run_id, cfg)
         tracking.log_config(cfg)
         mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
-    env = instantiate(cfg.env)(dataset=site_data, reward=typed.reward)
     learns = getattr(get_class(cfg.agent["_target_"]), "learns", True)
-    train_env, eval_env = agent_envs(env, typed.reward, learns=learns, seed=cfg.seed)
+    envs = instantiate(cfg.env)(
+        dataset=site_data,
+        reward=typed.reward,
+        learns=learns,
+        seed=cfg.seed,
+        data_dir=cfg.paths.data_dir,
+        learning_curve=cfg.eval_every > 0,
+    )
+    mlflow.set_tags(envs.tags)
+    train_env, eval_env = envs.train, envs.evaluate
     start = time.perf_counter()
     model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
     if getattr(model, "learns", True) and cfg.total_timesteps > 0:
-        curve_env = evaluation.learning_curve_env(eval_env) if cfg.eval_every > 0 else None
-        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=curve_env)
+        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=envs.curve)
         tracking.log_model(model)
     # Setup and training (for a controller: its planning, e.g. the LP solve).
     mlflow.log_metrics(
@@ -139,7 +145,7 @@ def build_agent(
 ) -> tuple[Any, Checkpoint | None]:
     """A new agent from its ``_target_`` partial, or the last checkpoint when resuming.
 
-    ``env`` is the training env, already wrapped (``pvbess.env.agent_envs``).
+    ``env`` is the training env, already wrapped (``pvbess.env.build_envs``).
     """
     import mlflow
     from hydra.utils import instantiate

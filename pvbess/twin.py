@@ -1047,41 +1047,63 @@ class TwinVecEnv(VecEnv):
     """``n_envs`` copies of ``SiteEnv`` on the twin, stepped in one numpy call: an SB3 VecEnv.
 
     The step is ``pvbess.env.SiteStep`` over n copies (the same code ``SiteEnv`` runs
-    for one). The copies run in lockstep over the same site data, so they all end (and
+    for one). The copies run in lockstep over the same year, so they all end (and
     reset) together; they differ by their actions and their random stream for
-    unplugged EVs (seed + i). Infos carry ``episode`` (as SB3's Monitor) and
-    ``episode_components`` at the end of an episode, not the per-step ``reward_components``.
+    unplugged EVs (seed + i). Given several years (datasets of the site built with
+    other seeds), each episode runs the next one. Infos carry ``episode`` (as SB3's
+    Monitor) and ``episode_components`` at the end of an episode, not the per-step
+    ``reward_components``.
     """
 
     def __init__(
         self,
-        dataset: SiteDataset,
+        datasets: SiteDataset | Sequence[SiteDataset],
         reward: RewardConfig,
         n_envs: int,
         safety_layer: bool = True,
         seed: int | None = None,
-        data: TwinData | None = None,
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-        self.dataset = dataset
-        self.site = dataset.site
-        self.data = TwinData.load(dataset) if data is None else data
-        base_seed = dataset.site.seed if seed is None else int(seed)
-        self.sim = TwinSimulator(self.data, n_envs, seeds=[base_seed + i for i in range(n_envs)])
-        self.core = self.sim.core
-        self.step_fn = site_env.SiteStep(
-            self.sim, dataset, reward, safety_layer=safety_layer, record=False
-        )
+        years = [datasets] if isinstance(datasets, SiteDataset) else list(datasets)
+        self.datasets = years
+        base_seed = years[0].site.seed if seed is None else int(seed)
+        seeds = [base_seed + i for i in range(n_envs)]
+        self.steps = [
+            site_env.SiteStep(
+                TwinSimulator.from_dataset(ds, n_envs, seeds=seeds),
+                ds,
+                reward,
+                safety_layer=safety_layer,
+                record=False,
+            )
+            for ds in years
+        ]
+        if len({s.n_steps for s in self.steps}) > 1:
+            raise ValueError("the training years differ in length")
+        self.year = 0
         self.render_mode = None
         self.safety_layer = safety_layer
-        self.n_sockets = self.data.n_sockets
-        self.n_steps = self.data.n_steps
-        self.observation_names = self.sim.observation_names
-        self.obs_low, self.obs_span = self.sim.obs_low, self.sim.obs_span
+        first = self.steps[0]
+        self.n_sockets = first.n_sockets
+        self.n_steps = first.n_steps
+        self.observation_names = first.sim.observation_names
         self._actions = np.zeros((n_envs, self.n_sockets + 1))
-        super().__init__(n_envs, self.step_fn.observation_space, self.step_fn.action_space)
+        super().__init__(n_envs, first.observation_space, first.action_space)
         self._created = time.time()
+
+    @property
+    def step_fn(self) -> site_env.SiteStep:
+        """The current year's step."""
+        return self.steps[self.year]
+
+    @property
+    def sim(self) -> TwinSimulator:
+        return self.step_fn.sim  # type: ignore[return-value]
+
+    @property
+    def core(self) -> TwinCore:
+        return self.sim.core
 
     # -- VecEnv API ------------------------------------------------------------------------
     def reset(self) -> VecEnvObs:
@@ -1106,7 +1128,8 @@ class TwinVecEnv(VecEnv):
                 info["episode_components"] = {
                     k: float(v[i]) for k, v in step.component_sums.items()
                 }
-            obs = step.reset()
+            self.year = (self.year + 1) % len(self.steps)
+            obs = self.step_fn.reset()
         dones = np.full(self.num_envs, done)
         return obs, total.astype(np.float32), dones, infos
 

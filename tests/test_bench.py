@@ -6,30 +6,20 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pvbess import bench
 
-from .conftest import ROOT
+from .conftest import ROOT, run_module
 
 WALL_TIME = re.compile(r"^(?:(\d+) h )?(?:(\d+) min )?(\d+(?:\.\d+)?) s$")
 
 
 def _study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m pvbess.bench --study <args>`` with PVBESS_ROOT=<tmp>/root."""
-    env = dict(os.environ, PVBESS_ROOT=str(tmp_path / "root"), CITYLEARN_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "pvbess.bench", "--study", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_module("pvbess.bench", ["--study", *args], tmp_path / "root", timeout=600)
 
 
 def _seconds(cell: str) -> float:

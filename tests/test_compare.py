@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import mlflow
+from pathlib import Path
+
 import pytest
 from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
 from pvbess import compare, tracking, train
 from pvbess.checks import CHECK_TAG
 
-from .conftest import compose_cfg
+from .conftest import artifact_paths, compose_cfg, run_module, store_client, store_runs
 
 PPO = ["agent=ppo", "total_timesteps=64", "agent.n_steps=32"]
 RUNS = {
@@ -37,10 +37,8 @@ def store(tmp_path_factory):
     return root
 
 
-def _runs(client: MlflowClient) -> dict[str, Run]:
-    exp = client.get_experiment_by_name("tiny")
-    found = client.search_runs([exp.experiment_id])
-    return {r.info.run_name: r for r in found if r.info.run_name in RUNS}
+def _runs(store: Path) -> dict[str, Run]:
+    return {r.info.run_name: r for r in store_runs(store) if r.info.run_name in RUNS}
 
 
 def _objective(run: Run) -> float:
@@ -59,13 +57,13 @@ def _row(t, **where):
 
 
 def test_rows_are_experiments_and_only_seeds_are_pooled(store) -> None:
-    client = MlflowClient()
+    client = store_client(store)
     t, _ = compare.table(compare.runs_frame(compare.select_runs(client, compare.Selection("tiny"))))
     ppo = t[(t.agent == "ppo") & (t.reward == "balanced")]
     # seeds 0 and 1 pooled; another learning rate and another budget are rows of their own.
     assert sorted(ppo.seeds) == [1, 1, 2]
     assert ppo.hparams.nunique() == 2 and ppo.budget.nunique() == 2
-    runs = _runs(client)
+    runs = _runs(store)
     pooled = _row(ppo, seeds=2)
     co2_t = [
         runs[n].data.metrics["eval/co2_kg"] / 1e3 * 8760 / runs[n].data.metrics["eval/hours"]
@@ -80,8 +78,8 @@ def test_rows_are_experiments_and_only_seeds_are_pooled(store) -> None:
 
 
 def test_share_of_optimum_is_in_the_presets_own_objective(store) -> None:
-    client = MlflowClient()
-    runs = _runs(client)
+    client = store_client(store)
+    runs = _runs(store)
     t, notes = compare.table(
         compare.runs_frame(compare.select_runs(client, compare.Selection("tiny")))
     )
@@ -115,8 +113,7 @@ def test_share_of_optimum_is_in_the_presets_own_objective(store) -> None:
 def test_uncontrolled_objective_recomputed_under_another_presets_weights(store) -> None:
     """The reward is linear in its weights: J of the uncontrolled run under cost_heavy,
     recomputed from its balanced run's components, equals the cost_heavy run's own J."""
-    client = MlflowClient()
-    runs = _runs(client)
+    runs = _runs(store)
     without = [r for n, r in runs.items() if n != "uncontrolled_cost"]
     frame = compare.runs_frame(without)
     t, _ = compare.table(frame)
@@ -127,10 +124,18 @@ def test_uncontrolled_objective_recomputed_under_another_presets_weights(store) 
 
 
 def test_report_files_and_comparison_run(store) -> None:
-    client = MlflowClient()
+    client = store_client(store)
     shown, _ = compare.compare(compare.Selection(site="tiny"), store / "report")
     assert "CO2 [t/yr]" in shown.columns and "of optimum's gain [%]" in shown.columns
-    for col in ("hparams", "site data", "budget [steps]", "env", "seeds", "Δ cost [%]"):
+    for col in (
+        "hparams",
+        "eval data",
+        "train years",
+        "budget [steps]",
+        "env",
+        "seeds",
+        "Δ cost [%]",
+    ):
         assert col in shown.columns, col
     assert len(shown) == 8
     for f in (
@@ -142,17 +147,14 @@ def test_report_files_and_comparison_run(store) -> None:
         "learning_curves.png",
     ):
         assert (store / "report" / f).is_file(), f
-    comp = client.search_runs(
-        [client.get_experiment_by_name("tiny").experiment_id], "tags.kind = 'comparison'"
-    )
+    comp = [r for r in store_runs(store) if r.data.tags.get("kind") == "comparison"]
     assert len(comp) >= 1
-    names = {a.path for a in client.list_artifacts(comp[0].info.run_id)}
+    names = artifact_paths(client, comp[0].info.run_id)
     assert {"comparison.csv", "comparison.md", "co2_by_controller.png"} <= names
 
 
 def test_a_failed_check_marks_the_row(store) -> None:
-    client = MlflowClient()
-    runs = list(_runs(client).values())
+    runs = list(_runs(store).values())
     victim = next(r for r in runs if r.info.run_name == "ppo_lr")
     victim.data.tags[CHECK_TAG] = "co2_vs_citylearn"  # as checks.act tags a run
     t, notes = compare.table(compare.runs_frame(runs))
@@ -165,7 +167,7 @@ def test_a_failed_check_marks_the_row(store) -> None:
 
 def test_missing_baselines_are_named_and_columns_left_empty(store) -> None:
     sel = compare.Selection(site="tiny", tags={"agent": "ppo"})
-    frame = compare.runs_frame(compare.select_runs(MlflowClient(), sel))
+    frame = compare.runs_frame(compare.select_runs(store_client(store), sel))
     t, notes = compare.table(frame)
     assert any("uncontrolled" in n for n in notes) and any("optimal" in n for n in notes)
     assert t.co2_change_vs_uncontrolled_pct.isna().all()
@@ -173,28 +175,13 @@ def test_missing_baselines_are_named_and_columns_left_empty(store) -> None:
 
 
 def test_empty_selection_is_a_clear_error(store) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{store}/mlruns/mlflow.db")
+    client = store_client(store)
     with pytest.raises(compare.SelectionError, match="no finished run"):
-        compare.select_runs(MlflowClient(), compare.Selection(site="tiny", reward="nonexistent"))
+        compare.select_runs(client, compare.Selection(site="tiny", reward="nonexistent"))
 
 
 def test_command_line_selects_by_site_and_reward_presets(store) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
-    env = dict(os.environ, PVBESS_ROOT=str(store), CITYLEARN_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pvbess.compare", "site=tiny", "reward=balanced"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_module("pvbess.compare", ["site=tiny", "reward=balanced"], store)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CO2 [t/yr]" in proc.stdout and "uncontrolled" in proc.stdout
     reports = list((store / "reports" / "tiny").glob("*/comparison.md"))

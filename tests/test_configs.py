@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from hydra.utils import instantiate
 
 from pvbess import config
 
-from .conftest import CONF, ROOT, compose_cfg
+from .conftest import CONF, compose_cfg, run_module
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -95,16 +91,7 @@ def test_all_zero_weights_rejected() -> None:
     ],
 )
 def test_bad_override_exits_nonzero_naming_the_key(override: str, needle: str, tmp_path) -> None:
-    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pvbess.train", override, "site=tiny"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_module("pvbess.train", [override, "site=tiny"], tmp_path, timeout=120)
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout
     # Failed before any work: no dataset was built.

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pvbess import checkpoints
 
-from .conftest import ROOT
+from .conftest import ROOT, child_env, metric_steps, the_run
 
 # Four PPO updates between checkpoints: the kill lands well before the run ends.
 # One env copy: the step arithmetic below is per env step.
@@ -63,13 +63,12 @@ class Train:
         self.root = root
         self.run_dir = root / name
         self.log = root / f"{name}.log"
-        env = dict(os.environ, PVBESS_ROOT=str(root), CITYLEARN_OFFLINE="1", **ONE_THREAD)
         args = [sys.executable, "-m", "pvbess.train", f"hydra.run.dir={self.run_dir}"]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [*args, "site=tiny", "device=cpu", *overrides],
                 cwd=ROOT,
-                env=env,
+                env=child_env(root, ONE_THREAD),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -119,21 +118,6 @@ def training_for(t: Train, seconds: float) -> Callable[[], bool]:
 def resume_args(run_dir: Path) -> list[str]:
     # Only the run directory: the config comes from there, not from overrides.
     return [f"resume={run_dir}"]
-
-
-def the_run(root: Path) -> Run:
-    """The one run of the tiny experiment in the store under ``root``."""
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
-    client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return runs[0]
-
-
-def steps(run: Run, key: str) -> list[int]:
-    """The steps of a metric's history, in the order they were logged."""
-    history = MlflowClient().get_metric_history(run.info.run_id, key)
-    return [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
 
 
 @dataclass
@@ -260,17 +244,17 @@ def test_resumed_metrics_have_every_step_once(runs: Scenarios) -> None:
     train_keys = [k for k in run.data.metrics if k.startswith("train/")]
     assert train_keys
     for key in ["episode/return", "time/total_timesteps", *train_keys]:
-        s = steps(run, key)
+        s = metric_steps(run.info.run_id, key)
         assert s == sorted(set(s)), (key, s)  # strictly increasing: no duplicate
     # Exactly the steps an uninterrupted run logs: SB3 dumps after each rollout of
     # 64 steps, train/* (the previous update's losses) from the second one on.
-    assert steps(run, "time/total_timesteps") == list(range(64, 641, 64))
+    assert metric_steps(run.info.run_id, "time/total_timesteps") == list(range(64, 641, 64))
     for key in train_keys:
-        assert steps(run, key) == list(range(128, 641, 64)), key
+        assert metric_steps(run.info.run_id, key) == list(range(128, 641, 64)), key
     history = MlflowClient().get_metric_history(run.info.run_id, "time/total_timesteps")
     assert all(m.value == m.step for m in history)  # the model's own step counter
     # Episodes from before the kill (flushed with its checkpoint) and after the resume.
-    episodes = steps(run, "episode/return")
+    episodes = metric_steps(run.info.run_id, "episode/return")
     assert min(episodes) <= killed_at < max(episodes), (episodes, killed_at)
 
 
@@ -284,7 +268,7 @@ def test_resuming_a_finished_run_does_nothing(runs: Scenarios) -> None:
     assert after.info.status == "FINISHED"
     assert after.info.end_time == before.info.end_time
     for key in ("time/total_timesteps", "eval/co2_kg"):
-        assert steps(after, key) == steps(before, key), key
+        assert metric_steps(after.info.run_id, key) == metric_steps(before.info.run_id, key), key
 
 
 def test_sac_resume_brings_back_the_replay_buffer(runs: Scenarios) -> None:
@@ -363,8 +347,7 @@ def test_a_checkpoint_cut_short_is_never_the_latest(tmp_path: Path, monkeypatch)
     assert last is not None and last.steps == 64
     assert (save_dir / ".tmp-ppo_128_steps.zip").is_file()  # complete, never renamed
     # The metrics up to the lost checkpoint were logged before its rename.
-    history = MlflowClient().get_metric_history(run.info.run_id, "time/total_timesteps")
-    assert [m.step for m in history] == [64, 128]
+    assert metric_steps(run.info.run_id, "time/total_timesteps") == [64, 128]
     # The next training start clears the leftover.
     fresh = checkpoints.AtomicCheckpointCallback(buffer, 64, save_dir, "ppo")
     fresh.init_callback(model)

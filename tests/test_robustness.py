@@ -7,7 +7,6 @@ subprocesses (a few at a time), each under its own PVBESS_ROOT.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -15,12 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, compose_cfg
+from .conftest import ROOT, child_env, compose_cfg, store_runs
 
 PARALLEL = 4  # enough to keep 2 cores busy; each process holds ~0.5 GB
 TIMEOUT_S = 120
@@ -208,8 +206,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
                 if case.prepare is not None:
                     case.prepare(root)
                 # One torch thread each: PARALLEL processes share 2 cores.
-                env = dict(os.environ, PVBESS_ROOT=str(root), CITYLEARN_OFFLINE="1")
-                env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                env = child_env(root, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
                 with open(root / "output.log", "w") as out:
                     proc = subprocess.Popen(
                         _command(name, case, root),
@@ -246,12 +243,8 @@ def test_bad_input_fails_cleanly(name: str, outcomes: dict[str, Outcome]) -> Non
         assert needle in out, (needle, out[-3000:])
     assert "Traceback" not in out, out[-3000:]
 
-    db = result.root / "mlruns" / "mlflow.db"
-    runs = []
-    if db.is_file():
-        mlflow.set_tracking_uri(f"sqlite:///{db}")
-        client = MlflowClient()
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    has_store = (result.root / "mlruns" / "mlflow.db").is_file()
+    runs = store_runs(result.root, experiment=None) if has_store else []
     if case.run_left:
         assert [r.info.status for r in runs] == ["FAILED"]
         assert case.needles[-1] in runs[0].data.tags["error"]

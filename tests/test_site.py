@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +12,17 @@ from omegaconf import open_dict
 from pvbess import config, dataset
 from pvbess.validation import PlausibilityWarning
 
-from .conftest import ROOT, SHARED_OE2, compose_cfg
+from .conftest import ROOT, SHARED_OE2, compose_cfg, run_module
 
 PV_FILE = SHARED_OE2 / "pv_generation_hourly_citylearn_v2.csv"
 MALL_FILE = SHARED_OE2 / "demandamallhorakwh.csv"
-
-
-def _site_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "pvbess.site", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 # --- the CLI --------------------------------------------------------------------------
 
 
 def test_cli_builds_tiny_and_prints_the_summary(tmp_path: Path) -> None:
-    proc = _site_cli(tmp_path, "site=tiny")
+    proc = run_module("pvbess.site", ["site=tiny"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     site = config.validate_site(compose_cfg(["site=tiny"]).site)
@@ -68,7 +52,8 @@ def test_cli_exits_nonzero_naming_the_bad_row(tmp_path: Path) -> None:
     bad.write_text(
         "datetime,value\n" + "".join(f"{t},{v}\n" for t, v in zip(times, values, strict=True))
     )
-    proc = _site_cli(tmp_path, "site=tiny", "site.load.source=csv", f"site.load.csv.path={bad}")
+    args = ["site=tiny", "site.load.source=csv", f"site.load.csv.path={bad}"]
+    proc = run_module("pvbess.site", args, tmp_path, timeout=120)
     assert proc.returncode == 1
     assert f"error: DataError: {bad}, column 'value', data row 5" in proc.stderr
     assert "missing value 'n/a'" in proc.stderr

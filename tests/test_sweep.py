@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.entities import Run
@@ -16,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pvbess import sweep
 
-from .conftest import CONF, ROOT
+from .conftest import CONF, artifact_paths, run_module, store_client, store_runs
 
 # Two PPO/A2C iterations of 32 steps each on the one-week site.
 # One env copy: the checks count steps per env step (64 / 32 = 2 updates).
@@ -32,50 +28,17 @@ ARTIFACTS = {
 }
 
 
-def run_module(
-    module: str, args: list[str], root: Path, timeout: int = 300, ok: bool = True
-) -> str:
-    """``python -m <module> <args>`` with PVBESS_ROOT=root; its output. Checks the exit status."""
-    env = dict(os.environ, PVBESS_ROOT=str(root), CITYLEARN_OFFLINE="1")
-    env.pop(sweep.PARENT_ENV, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def client_for(root: Path) -> MlflowClient:
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
-    return MlflowClient()
-
-
-def family(client: MlflowClient, experiment: str = "tiny") -> tuple[Run, list[Run]]:
-    """The experiment's one parent run (kind sweep or search) and every other run."""
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
+def family(root: Path) -> tuple[Run, list[Run]]:
+    """The tiny experiment's one parent run (kind sweep or search) and every other run."""
+    runs = store_runs(root)
     parents = [r for r in runs if r.data.tags.get("kind") in ("sweep", "search")]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     return parents[0], [r for r in runs if r is not parents[0]]
 
 
-def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out: set[str] = set()
-    for f in client.list_artifacts(run_id, path):
-        out |= artifacts(client, run_id, f.path) if f.is_dir else {f.path}
-    return out
-
-
-def check_sweep(client: MlflowClient, n_jobs: int, overrides: str) -> list[Run]:
+def check_sweep(root: Path, n_jobs: int, overrides: str) -> list[Run]:
     """The parent and its n_jobs complete children; returns the children."""
-    parent, kids = family(client)
+    parent, kids = family(root)
     pid = parent.info.run_id
     assert parent.info.status == "FINISHED"
     assert parent.data.params["size"] == str(n_jobs)
@@ -101,7 +64,7 @@ def check_complete(client: MlflowClient, kids: list[Run]) -> None:
         assert len(client.get_metric_history(rid, "time/total_timesteps")) == 2  # 64 / 32
         result = json.loads((Path(kid.data.tags["output_dir"]) / "result.json").read_text())
         assert {f"eval/{k}": v for k, v in result["kpis"].items()}.items() <= metrics.items()
-        assert artifacts(client, rid) == ARTIFACTS
+        assert artifact_paths(client, rid) == ARTIFACTS
         assert kid.data.params["total_timesteps"] == "64"
 
 
@@ -153,8 +116,9 @@ def test_launchers_compose() -> None:
 
 def test_two_job_multirun_basic_launcher(tmp_path: Path) -> None:
     args = ["agent=ppo,a2c", *TINY]
-    run_module("pvbess.train", ["--multirun", "hydra/launcher=basic", *args], tmp_path)
-    kids = check_sweep(client_for(tmp_path), 2, " ".join(args))
+    proc = run_module("pvbess.train", ["--multirun", "hydra/launcher=basic", *args], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    kids = check_sweep(tmp_path, 2, " ".join(args))
     assert sorted(k.data.tags["agent"] for k in kids) == ["a2c", "ppo"]
     assert len(list((tmp_path / "multirun").glob("*/*/*_*-balanced-s0"))) == 2
 
@@ -162,11 +126,12 @@ def test_two_job_multirun_basic_launcher(tmp_path: Path) -> None:
 def test_four_jobs_on_two_parallel_workers_lose_nothing(tmp_path: Path) -> None:
     """joblib, the default launcher, with 2 worker processes writing to one SQLite store."""
     args = ["agent=ppo,a2c", "seed=0,1", *TINY]
-    out = run_module("pvbess.train", ["--multirun", "hydra.launcher.n_jobs=2", *args], tmp_path)
+    proc = run_module("pvbess.train", ["--multirun", "hydra.launcher.n_jobs=2", *args], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in out
-    client = client_for(tmp_path)
-    kids = check_sweep(client, 4, " ".join(args))
-    check_complete(client, kids)
+    kids = check_sweep(tmp_path, 4, " ".join(args))
+    check_complete(store_client(tmp_path), kids)
     assert sorted((k.data.tags["agent"], k.data.tags["seed"]) for k in kids) == [
         ("a2c", "0"),
         ("a2c", "1"),
@@ -178,9 +143,11 @@ def test_four_jobs_on_two_parallel_workers_lose_nothing(tmp_path: Path) -> None:
 def test_a_sweep_that_dies_fails_its_parent(tmp_path: Path) -> None:
     # Both jobs fail their config check before any run starts; Hydra stops the sweep.
     args = ["hydra/launcher=basic", "site=tiny", "site.bess.capacity_kwh=-5,-6"]
-    out = run_module("pvbess.train", ["--multirun", *args], tmp_path, ok=False)
+    proc = run_module("pvbess.train", ["--multirun", *args], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
     assert "site.bess.capacity_kwh" in out
-    parent, kids = family(client_for(tmp_path))
+    parent, kids = family(tmp_path)
     assert parent.info.status == "FAILED" and kids == []
     assert parent.data.tags["error"] == "the sweep stopped before its end"
     assert parent.data.params["size"] == "2"

@@ -6,22 +6,24 @@ import json
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pvbess import train
+
+from .conftest import (
+    artifact_paths,
+    compose_cfg,
+    metric_steps,
+    run_module,
+    store_client,
+    store_runs,
+    the_run,
+)
 
 SMALL = {
     "ppo": ["agent.n_steps=64", "agent.batch_size=32", "agent.n_epochs=2"],
     "sac": ["agent.learning_starts=50", "agent.buffer_size=1000", "agent.batch_size=32"],
     "a2c": [],
 }
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
-    out = []
-    for f in client.list_artifacts(run_id, path):
-        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
-    return out
 
 
 @pytest.mark.parametrize("agent", ["ppo", "sac", "a2c"])
@@ -40,12 +42,8 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     kpis = train.train(cfg)
     assert kpis["ev_unmet_kwh"] == pytest.approx(0.0, abs=1e-6)
 
-    mlflow.set_tracking_uri(f"sqlite:///{cfg.paths.root_dir}/mlruns/mlflow.db")
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    client = store_client(cfg.paths.root_dir)
+    run = the_run(cfg.paths.root_dir)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == f"{agent}-balanced-s3"
     tags = run.data.tags
@@ -70,7 +68,7 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     # 8 copies end their episodes at the same step: one value per metric and step,
     # the mean over the copies with its min and max beside it.
     for key in m:
-        logged = [h.step for h in client.get_metric_history(run.info.run_id, key)]
+        logged = metric_steps(run.info.run_id, key)
         assert len(logged) == len(set(logged)), (key, logged)
     for step_value in client.get_metric_history(run.info.run_id, "episode/return"):
         at = {
@@ -89,7 +87,7 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
     curve = client.get_metric_history(run.info.run_id, "learning/co2_kg")
     assert len(curve) == 2 and all(700 <= h.step <= 1536 and h.value > 0 for h in curve)
 
-    files = _artifacts(client, run.info.run_id)
+    files = artifact_paths(client, run.info.run_id)
     assert any(f.startswith("checkpoints/") and f.endswith(".zip") for f in files), files
     for f in (
         "model/model.zip",
@@ -107,8 +105,6 @@ def test_agent_trains_and_logs_everything(agent: str, make_cfg) -> None:
 
 
 def test_same_seed_same_results(tmp_path) -> None:
-    from .conftest import compose_cfg
-
     runs = []
     for k in range(2):
         cfg = compose_cfg(
@@ -129,36 +125,49 @@ def test_same_seed_same_results(tmp_path) -> None:
 
 
 def test_multirun_writes_every_job_to_one_store(tmp_path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
-    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pvbess.train",
-            "--multirun",
-            "agent=ppo,a2c",
-            "site=tiny",
-            "total_timesteps=100",
-            "agent.n_steps=32",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    args = ["--multirun", "agent=ppo,a2c", "site=tiny", "total_timesteps=100", "agent.n_steps=32"]
+    proc = run_module("pvbess.train", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "multirun").glob("*/*/*_*-balanced-s0"))) == 2
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    runs = [r for r in runs if r.data.tags.get("kind") != "sweep"]  # the sweep's parent run
+    runs = store_runs(tmp_path, without=("sweep",))  # not the sweep's parent run
     assert sorted(r.data.tags["agent"] for r in runs) == ["a2c", "ppo"]
     assert all(r.info.status == "FINISHED" and "eval/co2_kg" in r.data.metrics for r in runs)
+
+
+def test_learners_train_on_other_years_and_are_evaluated_on_site_seed(make_cfg) -> None:
+    cfg = make_cfg(
+        "agent=ppo",
+        "site=tiny",
+        "env.train_seeds=[1,2]",
+        "total_timesteps=256",
+        "checkpoint_every=1000",
+        "eval_every=0",
+        *SMALL["ppo"],
+    )
+    train.train(cfg)
+    tags = the_run(cfg.paths.root_dir).data.tags
+    train_hashes = tags["train_data_hashes"].split(",")
+    # Three different years: the evaluation year (site.seed=0) and two training years.
+    assert tags["train_seeds"] == "1,2" and len(set(train_hashes)) == 2
+    assert tags["eval_data_hash"] == tags["site_data_hash"] not in train_hashes
+    assert tags["eval_on_training_data"] == "false"
+
+
+def test_training_on_the_evaluation_year_is_refused_unless_asked(make_cfg) -> None:
+    from pvbess import config
+
+    with pytest.raises(config.ConfigError, match=r"env.train_seeds.*evaluation year"):
+        config.validate(make_cfg("site=tiny", "env.train_seeds=[0,1]"))
+    cfg = make_cfg(
+        "agent=a2c",
+        "site=tiny",
+        "env.train_seeds=[0]",
+        "env.eval_on_training_data=true",
+        "total_timesteps=64",
+        "eval_every=0",
+        "env.n_envs=1",
+    )
+    train.train(cfg)
+    run = the_run(cfg.paths.root_dir)
+    assert run.data.tags["eval_on_training_data"] == "true"
+    assert run.data.tags["train_data_hashes"] == run.data.tags["eval_data_hash"]

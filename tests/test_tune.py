@@ -18,8 +18,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from pvbess import config, sweep, tune
 
-from .conftest import CONF, ROOT
-from .test_sweep import TINY, check_complete, client_for, family, run_module
+from .conftest import CONF, ROOT, artifact_paths, child_env, run_module, store_client
+from .test_sweep import TINY, check_complete, family
 
 PARSER = OverridesParser.create()
 
@@ -114,7 +114,7 @@ def test_a_study_continues_only_with_the_same_overrides(tmp_path, monkeypatch) -
 
 
 def test_two_trial_search(tmp_path: Path) -> None:
-    out = run_module(
+    proc = run_module(
         "pvbess.tune",
         [
             "hparams_search=ppo_optuna",
@@ -125,6 +125,8 @@ def test_two_trial_search(tmp_path: Path) -> None:
         ],
         tmp_path,
     )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
     assert "best parameters written to" in out
 
     # The study, beside the MLflow store: two finished trials.
@@ -135,8 +137,8 @@ def test_two_trial_search(tmp_path: Path) -> None:
     best = study.best_trial
 
     # MLflow: the parent carries the best parameters; each trial is a complete child run.
-    client = client_for(tmp_path)
-    parent, kids = family(client)
+    client = store_client(tmp_path)
+    parent, kids = family(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "search"
     assert parent.data.params["size"] == "2"
     assert len(kids) == 2
@@ -148,9 +150,7 @@ def test_two_trial_search(tmp_path: Path) -> None:
     best_run = client.get_run(parent.data.tags["best_run_id"])
     assert best_run.data.tags[sweep.JOB_TAG] == str(best.number)
     assert best_run.data.metrics["eval/reward_total_mean"] == pytest.approx(best.value)
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "preset")} == {
-        "preset/ppo_tuned.yaml"
-    }
+    assert artifact_paths(client, parent.info.run_id, "preset") == {"preset/ppo_tuned.yaml"}
 
     # The preset, under the project root: agent=ppo_tuned composes, validates, builds.
     preset = tmp_path / "conf" / "agent" / "ppo_tuned.yaml"
@@ -170,14 +170,12 @@ def test_two_trial_search(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_stops_the_trials(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the process group): the trials stop, the parent is KILLED, exit 130."""
-    env = dict(os.environ, PVBESS_ROOT=str(tmp_path), CITYLEARN_OFFLINE="1")
-    env.pop(sweep.PARENT_ENV, None)
     args = ["hparams_search=ppo_optuna", "site=tiny", "env.n_envs=1", "agent.n_steps=32"]
     args += ["agent.batch_size=32", "total_timesteps=100000", "tune.n_trials=4", "tune.n_jobs=2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pvbess.tune", *args],
         cwd=ROOT,
-        env=env,
+        env=child_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
@@ -195,6 +193,6 @@ def test_ctrl_c_stops_the_trials(tmp_path: Path) -> None:
     (name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # no trial started after
-    parent, kids = family(client_for(tmp_path))
+    parent, kids = family(tmp_path)
     assert parent.info.status == "KILLED"
     assert sorted(k.info.status for k in kids) == ["KILLED", "KILLED"]

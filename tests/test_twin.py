@@ -449,3 +449,23 @@ def test_parity_full_year_iquitos_baselines(session_tmp: Path, controller) -> No
     """Each baseline's own actions over the whole Iquitos year, on both backends."""
     reference, twin = _full_year_envs(session_tmp, "iquitos_mall")
     _compare(reference, twin, _controller(controller))
+
+
+def test_vecenv_cycles_through_the_training_years(tiny_cfg) -> None:
+    """Each episode runs the next year; a year's observations are its own data's."""
+    from dataclasses import replace
+
+    site = config.validate_site(tiny_cfg.site)
+    years = [dataset.build(replace(site, seed=s), tiny_cfg.paths.data_dir) for s in (1, 2)]
+    assert years[0].data_hash != years[1].data_hash
+    vec = TwinVecEnv(years, _reward(), n_envs=2, seed=0)
+    single = [SiteEnv(y, _reward(), backend="twin") for y in years]
+    obs = vec.reset()
+    for k in (0, 1, 0):
+        assert vec.year == k
+        reference, _ = single[k].reset(seed=None)
+        # Zero actions: the same trajectory as one copy of that year alone.
+        assert_identical(f"year {k} first observation", reference, obs[0])
+        for _ in range(vec.n_steps):
+            obs, _, dones, _ = vec.step(np.zeros((2, vec.action_space.shape[0])))
+        assert dones.all()
