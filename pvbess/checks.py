@@ -42,6 +42,14 @@ CHECKS: tuple[Check, ...] = (
         1e-5,
         "the optimum's replay in CityLearn differs from the LP's CO2",
     ),
+    # A run evaluated on the twin, replayed in CityLearn (pvbess.replay): every KPI
+    # must be the same to the last bit.
+    Check(
+        "twin_replay",
+        "replay/kpi_max_abs_diff",
+        0.0,
+        "the run's KPIs differ when its evaluation is replayed in CityLearn",
+    ),
     # The realized optimum vs. the solver's objective: above this it is no ceiling.
     Check(
         "lp_relaxation_gap",

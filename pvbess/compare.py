@@ -445,11 +445,38 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     return files
 
 
-def compare(sel: Selection, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Build the report for a selection; log it as a 'comparison' run; return the table."""
+def compare(
+    sel: Selection, out_dir: Path, verify_data_dir: str | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Build the report for a selection; log it as a 'comparison' run; return the table.
+
+    With ``verify_data_dir``, runs evaluated on the twin are first proven: one run of
+    each controller kind is replayed in CityLearn (``pvbess.replay``) and must give
+    identical KPIs; the notes say which.
+    """
     client = MlflowClient()
-    frame = runs_frame(select_runs(client, sel))
+    runs = select_runs(client, sel)
+    replays: dict[str, str] = {}
+    if verify_data_dir is not None:
+        from pvbess import replay
+
+        replays = replay.verify_kinds(runs, verify_data_dir)
+        runs = select_runs(client, sel)  # with the replays' tags
+    frame = runs_frame(runs)
     t, notes = table(frame)
+    on_twin = sorted(
+        {r.data.tags.get("agent", "?") for r in runs if r.data.tags.get("eval_backend") == "twin"}
+    )
+    if on_twin:
+        proof = "; ".join(f"{a}: {replays[a]}" for a in on_twin if a in replays)
+        notes.append(
+            f"Evaluated on the twin: {', '.join(on_twin)}. "
+            + (
+                f"Replayed in CityLearn: {proof}."
+                if proof
+                else "Not replayed in CityLearn: run with verify=true to prove these figures."
+            )
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = display_frame(t)
     t.to_csv(out_dir / "comparison.csv", index=False)
@@ -532,7 +559,9 @@ def main(cfg: DictConfig) -> None:
         tags=tags,
         run_ids=run_ids,
     )  # type: ignore[arg-type]
-    shown, notes = compare(sel, Path(cfg.report_dir))
+    shown, notes = compare(
+        sel, Path(cfg.report_dir), verify_data_dir=cfg.paths.data_dir if cfg.verify else None
+    )
     print_table(shown, notes)
     print(f"report: {cfg.report_dir}")
 

@@ -323,6 +323,10 @@ class EnvConfig:
     train_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     # Allow site.seed among train_seeds: evaluation on a training year (tagged).
     eval_on_training_data: bool = False
+    # Where the evaluation year runs: citylearn (the reference, with CityLearn's own
+    # KPIs and the CO2 cross-check) or twin (bit-exact, ~30x faster; a study replays
+    # runs in CityLearn to prove it: python -m pvbess.compare ... verify=true).
+    eval_backend: str = "citylearn"
 
     def check(self) -> None:
         _require(
@@ -335,6 +339,11 @@ class EnvConfig:
             self.n_envs == 1 or self.backend == "twin",
             "env.n_envs",
             f"{self.n_envs} copies need env.backend=twin (got {self.backend!r})",
+        )
+        _require(
+            self.eval_backend in BACKENDS,
+            "env.eval_backend",
+            f"unknown backend {self.eval_backend!r} (choose {' or '.join(BACKENDS)})",
         )
         _require(len(self.train_seeds) >= 1, "env.train_seeds", "needs at least one site seed")
         _require(

@@ -634,24 +634,26 @@ def build_envs(
     safety_layer: bool = True,
     train_seeds: Sequence[int] = (1, 2, 3),
     eval_on_training_data: bool = False,
+    eval_backend: str = "citylearn",
     learning_curve: bool = True,
 ) -> Envs:
     """Every env of a run (``env._target_``).
 
-    Every reported figure comes from CityLearn on ``dataset``, the evaluation year
-    (``site.seed``). A learning agent trains on the years of ``train_seeds`` (the same
-    site built with those seeds; each episode the next year), on ``backend`` in
-    ``n_envs`` copies (> 1: the twin's VecEnv), with observations scaled by bounds
-    shared by its training years; its evaluation and learning curve (the twin, the
-    evaluation year) use the same scaling. A controller (``learns`` false) reads the
-    env it acts in at every step, so it is built on the evaluation env.
+    Every reported figure comes from ``eval_backend`` (CityLearn, or its bit-exact
+    twin) on ``dataset``, the evaluation year (``site.seed``). A learning agent
+    trains on the years of ``train_seeds`` (the same site built with those seeds;
+    each episode the next year), on ``backend`` in ``n_envs`` copies (> 1: the
+    twin's VecEnv), with observations scaled by bounds shared by its training
+    years; its evaluation and learning curve (the twin, the evaluation year) use
+    the same scaling. A controller (``learns`` false) reads the env it acts in at
+    every step, so it is built on the evaluation env.
     """
     from stable_baselines3.common.monitor import Monitor
 
     from pvbess import dataset as ds_module
 
-    evaluate = SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer)
-    tags = {"eval_data_hash": dataset.data_hash}
+    evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer)
+    tags = {"eval_data_hash": dataset.data_hash, "eval_backend": eval_backend}
     if not learns:
         return Envs(Monitor(evaluate), evaluate, None, [], tags)
     if dataset.site.seed in train_seeds and not eval_on_training_data:

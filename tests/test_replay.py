@@ -1,0 +1,62 @@
+"""Evaluations on the twin are proven by replaying them in CityLearn."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pvbess import checks, compare, replay, train
+
+from .conftest import compose_cfg, store_client, store_runs
+
+SMALL_PPO = ["total_timesteps=64", "agent.n_steps=32", "agent.batch_size=32", "eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replay")
+    for k, overrides in enumerate([["agent=ppo", *SMALL_PPO], ["agent=rbc"], ["agent=optimal"]]):
+        cfg = compose_cfg(["site=tiny", "env.eval_backend=twin", *overrides], root)
+        cfg.paths.output_dir = str(root / f"out{k}")
+        train.train(cfg)
+    return root
+
+
+def test_runs_on_the_twin_replay_identically_in_citylearn(store) -> None:
+    client = store_client(store)
+    runs = store_runs(store)
+    assert {r.data.tags["eval_backend"] for r in runs} == {"twin"}
+    # The twin has no CityLearn to ask: no CityLearn-only figures were logged.
+    assert all("eval/citylearn_co2_kg" not in r.data.metrics for r in runs)
+    for run in runs:
+        result = replay.verify(run.info.run_id, str(store / "data" / "sites"))
+        assert result.identical, (result.agent, result.differing)
+        # Every KPI the run logged (eval/*) was compared.
+        assert result.kpis_compared == sum(k.startswith("eval/") for k in run.data.metrics)
+        tags = client.get_run(run.info.run_id).data.tags
+        assert tags[replay.REPLAY_TAG] == "identical" and checks.CHECK_TAG not in tags
+
+
+def test_a_kpi_that_differs_fails_the_check(store) -> None:
+    client = store_client(store)
+    run = next(r for r in store_runs(store) if r.data.tags["agent"] == "rbc")
+    # As if the twin had drifted: the logged CO2 is off by one part in a million.
+    client.log_metric(run.info.run_id, "eval/co2_kg", run.data.metrics["eval/co2_kg"] * 1.000001)
+    result = replay.verify(run.info.run_id, str(store / "data" / "sites"))
+    assert result.differing == ["co2_kg"] and result.max_abs_diff > 0
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags[replay.REPLAY_TAG] == "differs"
+    assert "twin_replay" in tags[checks.CHECK_TAG].split(",")
+
+
+def test_compare_verify_replays_one_run_per_kind_and_says_so(store) -> None:
+    store_client(store)
+    _, notes = compare.compare(
+        compare.Selection(site="tiny"),
+        store / "report",
+        verify_data_dir=str(store / "data" / "sites"),
+    )
+    note = next(n for n in notes if n.startswith("Evaluated on the twin"))
+    for agent in ("ppo", "rbc", "optimal"):
+        assert f"{agent}: " in note
+    assert "Replayed in CityLearn" in note
