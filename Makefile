@@ -37,10 +37,11 @@ compare: install ## Compare the site's runs from MLflow: make compare ARGS="site
 
 SITE ?= iquitos_mall
 BUDGET ?= 87600
-compare-all: install ## The whole study for SITE: 3 baselines, PPO/SAC/A2C at BUDGET steps, then compare
+compare-all: install ## The whole study for SITE on its held-out year: baselines, MPC, optimum, PPO/SAC/A2C x 3 seeds at BUDGET steps, compare (verified in CityLearn)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_baselines site=$(SITE) $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun experiment=study_co2_only site=$(SITE) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_learners site=$(SITE) total_timesteps=$(BUDGET) $(ARGS)
-	$(BIN)/python -m pvbess.compare site=$(SITE)
+	$(BIN)/python -m pvbess.compare site=$(SITE) verify=true
 
 sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make sweep ARGS="agent=ppo,sac,a2c seed=0,1,2 site=tiny"
 	$(BIN)/python -m pvbess.train --multirun $(ARGS)
@@ -64,11 +65,11 @@ lint: install ## ruff
 	$(BIN)/ruff check pvbess tests
 
 bench: install ## Print speed figures: CityLearn vs. pvbess env steps/s, PPO steps/s
-	$(BIN)/python -m pvbess.bench $(ARGS)
+	$(BIN)/python -m pvbess.experiment.bench $(ARGS)
 
 STUDY ?= all
 bench-study: install ## Time the README's commands in a temporary root, print a Markdown table: make bench-study STUDY=dataset,run SITE=tiny ARGS="total_timesteps=2000"
-	$(BIN)/python -m pvbess.bench --study $(STUDY) --site $(SITE) $(ARGS)
+	$(BIN)/python -m pvbess.experiment.bench --study $(STUDY) --site $(SITE) $(ARGS)
 
 .PHONY: bench-study
 

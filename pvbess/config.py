@@ -304,17 +304,17 @@ class DeviceConfig:
         _require(self.name in ("auto", "cpu", "cuda"), "device.name", "must be auto, cpu or cuda")
 
 
-# citylearn: the reference simulator; twin: pvbess.twin, a numpy twin of the same physics.
+# citylearn: the reference simulator; twin: pvbess.sim.twin, a numpy twin of the same physics.
 BACKENDS = ("citylearn", "twin")
 
 
 @dataclass
 class EnvConfig:
-    _target_: str = "pvbess.env.build_envs"
+    _target_: str = "pvbess.sim.env.build_envs"
     _partial_: bool = True
     backend: str = "twin"
     safety_layer: bool = True
-    # Env copies stepped at once in one numpy call for training (pvbess.twin.TwinVecEnv);
+    # Env copies stepped at once in one numpy call for training (pvbess.sim.twin.TwinVecEnv);
     # > 1 needs backend twin.
     n_envs: int = 8
     # Site seeds of the years learners train on (other weather, load noise and EV

@@ -1,317 +1,32 @@
 """Entry point: ``python -m pvbess.train agent=ppo reward=co2_heavy``.
 
-Only composes: site dataset -> env -> agent -> callbacks -> learn -> evaluate -> log.
-``resume=<run dir | run id>`` continues an interrupted run from its last checkpoint.
-
-The heavy modules (torch, CityLearn, MLflow, SB3: about 4 s to import) are
-imported inside the functions, so that a bad override or value fails in a
-fraction of a second.
+Only composes: Hydra builds the config from ``conf/``, ``pvbess.experiment.run``
+runs the experiment (dataset, envs, agent, training, evaluation, MLflow), and
+``pvbess.experiment.cli`` maps errors and signals to exit codes.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import signal
-import sys
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
 
 from pvbess import config
-
-if TYPE_CHECKING:
-    from pvbess.checkpoints import Checkpoint
-    from pvbess.dataset import SiteDataset
-    from pvbess.evaluation import EvalResult
-
-log = logging.getLogger(__name__)
+from pvbess.experiment import cli
+from pvbess.experiment.run import train
 
 config.register()
-
-EXIT_ERROR = 1
-# Errors whose message tells the user what to fix (a value, a file, a checkpoint,
-# the store), printed as one paragraph instead of a traceback: (module, class).
-USER_ERRORS = (
-    ("pvbess.config", "ConfigError"),
-    ("pvbess.errors", "DataError"),
-    ("pvbess.checkpoints", "CheckpointError"),
-    ("pvbess.tracking", "TrackingError"),
-)
-
-
-def agent_name(cfg: DictConfig) -> str:
-    """'stable_baselines3.PPO' -> 'ppo'; 'pvbess.controllers.RuleBased' -> 'rulebased'."""
-    return str(cfg.agent.get("name") or cfg.agent["_target_"].rsplit(".", 1)[-1]).lower()
-
-
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run (or resume) one experiment; return the evaluation KPIs."""
-    run_id = None
-    if cfg.get("resume"):
-        from pvbess import checkpoints
-
-        target = checkpoints.resume_target(str(cfg.resume), cfg)
-        if target.finished_kpis is not None:
-            log.info("run %s is FINISHED: nothing to resume", target.run_id)
-            return target.finished_kpis
-        ignored = _ignored_overrides()
-        if ignored:
-            log.warning("resuming keeps the run's own config; ignored: %s", " ".join(ignored))
-        log.info("resuming run %s (status %s)", target.run_id, target.status)
-        cfg, run_id = target.cfg, target.run_id
-    # Checks in order of cost, each before the next import: config values (Hydra,
-    # then validate), the site data (pandas, pvlib), then the MLflow store
-    # (MLflow, torch): a bad value or file fails in a second or two, and no store
-    # or experiment is created for a run that cannot start.
-    typed = config.validate(cfg)
-    from pvbess import dataset
-
-    site_data = dataset.build(typed.site, cfg.paths.data_dir)
-    from pvbess import checkpoints, tracking
-
-    out_dir = Path(cfg.paths.output_dir)
-    with (
-        checkpoints.sigterm_as_interrupt(),
-        checkpoints.run_lock(out_dir),
-        tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
-    ):
-        return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
-
-
-def run_experiment(
-    cfg: DictConfig,
-    typed: config.TrainConfig,
-    site_data: SiteDataset,
-    run_id: str,
-    resuming: bool,
-) -> dict[str, float]:
-    """Inside the MLflow run: build env and agent, train, evaluate, log."""
-    import mlflow
-    from hydra.utils import get_class, instantiate
-
-    from pvbess import checkpoints, checks, evaluation, tracking
-
-    name = agent_name(cfg)
-    out_dir = Path(cfg.paths.output_dir)
-    log.info("MLflow run %s (%s) in %s", run_id, name, mlflow.get_tracking_uri())
-    if not resuming:
-        checkpoints.write_run_files(out_dir, run_id, cfg)
-        tracking.log_config(cfg)
-        mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
-    learns = getattr(get_class(cfg.agent["_target_"]), "learns", True)
-    envs = instantiate(cfg.env)(
-        dataset=site_data,
-        reward=typed.reward,
-        learns=learns,
-        seed=cfg.seed,
-        data_dir=cfg.paths.data_dir,
-        learning_curve=cfg.eval_every > 0,
-    )
-    mlflow.set_tags(envs.tags)
-    train_env, eval_env = envs.train, envs.evaluate
-    start = time.perf_counter()
-    model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
-    if getattr(model, "learns", True) and cfg.total_timesteps > 0:
-        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=envs.curve)
-        tracking.log_model(model)
-    # Setup and training (for a controller: its planning, e.g. the LP solve).
-    mlflow.log_metrics(
-        {
-            "time/train_seconds": time.perf_counter() - start,
-            "time/train_steps": float(getattr(model, "num_timesteps", 0)),
-        }
-    )
-    start = time.perf_counter()
-    result = evaluation.evaluate(eval_env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
-    mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
-    checked = {f"eval/{k}": v for k, v in result.kpis.items()}
-    if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps
-        controller_metrics = model.metrics(result.timeseries)
-        mlflow.log_metrics(controller_metrics)
-        checked |= controller_metrics
-    title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
-    log_evaluation(result, out_dir, title=title)
-    checks.act(checked)
-    return result.kpis
-
-
-def build_agent(
-    cfg: DictConfig, env: Any, name: str, out_dir: Path, resuming: bool
-) -> tuple[Any, Checkpoint | None]:
-    """A new agent from its ``_target_`` partial, or the last checkpoint when resuming.
-
-    ``env`` is the training env, already wrapped (``pvbess.env.build_envs``).
-    """
-    import mlflow
-    from hydra.utils import instantiate
-
-    from pvbess import checkpoints, device
-
-    dev = device.resolve(cfg.device.name, cfg.device.torch_threads)
-    ckpt = checkpoints.latest(out_dir / "checkpoints", name) if resuming else None
-    if ckpt is None:
-        if resuming:
-            log.warning("no checkpoint in %s: starting again from step 0", out_dir)
-        builder = instantiate(cfg.agent, _convert_="all")
-        return builder(env=env, seed=cfg.seed, device=dev), None
-    model = checkpoints.load(cfg.agent["_target_"], ckpt, env, dev)
-    # A fresh random stream per resume point: resuming one checkpoint twice
-    # gives the same run, and it does not replay the first stream from step 0.
-    model.set_random_seed(cfg.seed + ckpt.steps)
-    tags = {
-        "resumed_from_steps": str(ckpt.steps),
-        "resumed_policy_digest": checkpoints.policy_digest(model),
-    }
-    buffer_size = checkpoints.replay_buffer_size(model)
-    if buffer_size is not None:
-        tags["resumed_replay_buffer_size"] = str(buffer_size)
-    log.info(
-        "resuming from %s (%d steps, policy %s, replay buffer %s)",
-        ckpt.model_path,
-        ckpt.steps,
-        tags["resumed_policy_digest"],
-        "n/a" if buffer_size is None else f"{buffer_size} transitions",
-    )
-    mlflow.set_tags(tags)
-    return model, ckpt
-
-
-def learn(
-    cfg: DictConfig,
-    model: Any,
-    name: str,
-    out_dir: Path,
-    run_id: str,
-    ckpt: Checkpoint | None,
-    resuming: bool,
-    curve_env: Any = None,
-) -> None:
-    """SB3's learn with MLflow logging, checkpoints and a learning curve (``eval_every``);
-    a signal saves a checkpoint and stops."""
-    from stable_baselines3.common.callbacks import CallbackList
-
-    from pvbess import checkpoints, evaluation, tracking
-
-    remaining = cfg.total_timesteps - model.num_timesteps
-    if remaining <= 0:
-        log.info("already trained for %d steps", model.num_timesteps)
-        return
-    # Steps the interrupted attempt already logged are not logged twice.
-    buffer = tracking.MetricBuffer(after_step=tracking.last_logged_step(run_id) if resuming else -1)
-    model.set_logger(tracking.sb3_logger(buffer))
-    if ckpt is not None:
-        checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
-    extra = []
-    if cfg.eval_every > 0 and curve_env is not None:
-        extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
-    with checkpoints.graceful_stop() as stop:
-        saver = checkpoints.AtomicCheckpointCallback(
-            buffer=buffer,
-            save_freq=cfg.checkpoint_every,
-            save_path=out_dir / "checkpoints",
-            name_prefix=name,
-            stop=stop,
-        )
-        log.info("training %s from step %d to %d", name, model.num_timesteps, cfg.total_timesteps)
-        model.learn(
-            total_timesteps=remaining,
-            callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver, *extra]),
-            log_interval=cfg.log_interval,
-            progress_bar=True,
-            reset_num_timesteps=model.num_timesteps == 0,
-        )
-    if stop.signum is not None:
-        last = saver.last
-        log.warning(
-            "stopped by %s; last checkpoint: %s",
-            signal.Signals(stop.signum).name,
-            "none" if last is None else f"{last.model_path} ({last.steps} steps)",
-        )
-        raise checkpoints.Interrupted(stop.signum)
-    buffer.flush()
-
-
-def log_evaluation(result: EvalResult, out_dir: Path, title: str) -> None:
-    """KPIs as eval/* metrics, CityLearn's as citylearn/*, and the files a user opens."""
-    import mlflow
-
-    from pvbess import plots
-
-    mlflow.log_metrics({f"eval/{k}": v for k, v in result.kpis.items()})
-    mlflow.log_metrics({f"eval_std/{k}": v for k, v in result.kpis_std.items()})
-    mlflow.log_metrics({f"citylearn/{k}": v for k, v in result.citylearn_kpis.items()})
-    ts_path = out_dir / "eval_timeseries.csv"
-    result.timeseries.to_csv(ts_path, index_label="time")
-    (out_dir / "result.json").write_text(
-        json.dumps(
-            {"kpis": result.kpis, "kpis_std": result.kpis_std, "citylearn": result.citylearn_kpis},
-            indent=1,
-            default=float,
-        )
-    )
-    plots.dashboard(result.timeseries, result.kpis, title, out_dir / "dashboard.png")
-    for f in ("eval_timeseries.csv", "result.json", "dashboard.png"):
-        mlflow.log_artifact(str(out_dir / f))
-    k = result.kpis
-    log.info(
-        "CO2 %.1f t, grid import %.1f MWh, PV self-consumption %.3f, EV unmet %.2f kWh",
-        k["co2_kg"] / 1e3,
-        k["grid_import_kwh"] / 1e3,
-        k["solar_self_consumption_ratio"],
-        k["ev_unmet_kwh"],
-    )
-
-
-def _ignored_overrides() -> list[str]:
-    """Command-line overrides that a resumed run does not apply (it keeps its config)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    keep = ("resume", "tracking.uri")
-    overrides = HydraConfig.get().overrides.task
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keep]
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def user_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is one of USER_ERRORS (checked in the modules imported so far:
-    an error class whose module was never imported cannot have been raised)."""
-    classes = tuple(
-        getattr(sys.modules[module], cls) for module, cls in USER_ERRORS if module in sys.modules
-    )
-    return isinstance(exc, classes)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
-        kpis = train(cfg)
-    except KeyboardInterrupt as exc:
-        log.error("interrupted (%s)", exc or "Ctrl-C")
-        # SystemExit passes through Hydra's handler; 128 + signal number, as a shell reports it.
-        raise SystemExit(128 + getattr(exc, "signum", signal.SIGINT)) from None
-    except Exception as exc:
-        if not user_error(exc):
-            raise  # a bug: Hydra prints the traceback
-        log.error("error: %s: %s", type(exc).__name__, exc)
-        if _in_multirun():
-            raise  # Hydra marks this job FAILED and goes on with the sweep's other jobs
-        raise SystemExit(EXIT_ERROR) from None
+    kpis = cli.run(lambda: train(cfg))
     # The value an optimizing sweeper maximizes: the evaluation's mean reward.
     return kpis.get("reward_total_mean", math.nan)
 
+
+__all__ = ["main", "train"]
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from pvbess import config, dataset
+from pvbess import config
+from pvbess.site import dataset
 
 if TYPE_CHECKING:  # mlflow is imported where used: most test files never need it
     from mlflow.entities import Run
@@ -28,7 +29,7 @@ os.environ.setdefault("CITYLEARN_OFFLINE", "1")
 config.register()
 
 # Variables that would make a child's runs those of a parent run, or send them elsewhere
-# (the first two are pvbess.sweep's PARENT_ENV and JOB_ENV: importing it loads MLflow).
+# (the first two are pvbess.experiment.sweep's PARENT_ENV and JOB_ENV: importing it loads MLflow).
 PARENT_RUN_ENV = (
     "PVBESS_PARENT_RUN_ID",
     "PVBESS_SWEEP_JOB",

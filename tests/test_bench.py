@@ -1,4 +1,4 @@
-"""``python -m pvbess.bench --study``: the README's commands, timed as subprocesses."""
+"""``python -m pvbess.experiment.bench --study``: the README's commands, timed as subprocesses."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pvbess import bench
+from pvbess.experiment import bench, study
 
 from .conftest import ROOT, run_module
 
@@ -18,8 +18,8 @@ WALL_TIME = re.compile(r"^(?:(\d+) h )?(?:(\d+) min )?(\d+(?:\.\d+)?) s$")
 
 
 def _study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m pvbess.bench --study <args>`` with PVBESS_ROOT=<tmp>/root."""
-    return run_module("pvbess.bench", ["--study", *args], tmp_path / "root", timeout=600)
+    """``python -m pvbess.experiment.bench --study <args>`` with PVBESS_ROOT=<tmp>/root."""
+    return run_module("pvbess.experiment.bench", ["--study", *args], tmp_path / "root", timeout=600)
 
 
 def _seconds(cell: str) -> float:
@@ -50,23 +50,23 @@ def _makefile_recipe(target: str) -> list[str]:
 
 def test_the_commands_are_read_from_the_makefile() -> None:
     b = "/some/venv/bin"
-    assert bench.study_commands("dataset", "tiny", ["seed=1"], bin_dir=b) == [
+    assert study.study_commands("dataset", "tiny", ["seed=1"], bin_dir=b) == [
         f"{b}/python -m pvbess.site site=tiny seed=1"
     ]
-    assert bench.study_commands("run", "tiny", ["seed=1"], bin_dir=b) == [
+    assert study.study_commands("run", "tiny", ["seed=1"], bin_dir=b) == [
         f"{b}/python -m pvbess.train site=tiny seed=1"
     ]
-    assert bench.study_commands("tests", "tiny", ["seed=1"], bin_dir=b) == [
+    assert study.study_commands("tests", "tiny", ["seed=1"], bin_dir=b) == [
         f'{b}/python -m pytest -m "not slow" -q'
     ]
-    assert bench.shown(f"{b}/python -m pvbess.train", b) == "python -m pvbess.train"
+    assert study.shown(f"{b}/python -m pvbess.train", b) == "python -m pvbess.train"
     # compare-all: each line of the target's recipe, in order; total_timesteps -> BUDGET.
     recipe = _makefile_recipe("compare-all")
     for overrides, budget, steps in (
         (["total_timesteps=300", "seed=1"], None, "300"),
         (["total_timesteps=300", "seed=1"], 500, "500"),
     ):
-        cmds = bench.study_commands("compare-all", "tiny", overrides, budget=budget, bin_dir=b)
+        cmds = study.study_commands("compare-all", "tiny", overrides, budget=budget, bin_dir=b)
         assert len(cmds) == len(recipe)
         for line, cmd in zip(recipe, cmds, strict=True):
             module = re.search(r"-m (\S+)", line).group(1)
@@ -114,8 +114,8 @@ def test_study_dataset_and_run_on_tiny(tmp_path: Path) -> None:
     assert header.startswith("Study on site=tiny: 20") and "commit " in header
     assert f"{os.cpu_count()} CPUs" in header or " of " in header
     table = _table(proc.stdout)
-    dataset_row = table[bench.STUDY_LABELS["dataset"]]
-    run_row = table[bench.STUDY_LABELS["run"]]
+    dataset_row = table[study.STUDY_LABELS["dataset"]]
+    run_row = table[study.STUDY_LABELS["run"]]
     assert dataset_row[0] == "`python -m pvbess.site site=tiny total_timesteps=500`"
     assert run_row[0] == "`python -m pvbess.train site=tiny total_timesteps=500`"
     train = table["↳ training (`time/train_seconds`)"]

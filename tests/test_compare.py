@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 
-from pvbess import compare, tracking, train
-from pvbess.checks import CHECK_TAG
+from pvbess import train
+from pvbess.experiment import compare, tracking
+from pvbess.experiment.checks import CHECK_TAG
 
 from .conftest import artifact_paths, compose_cfg, run_module, store_client, store_runs
 
@@ -186,3 +187,21 @@ def test_command_line_selects_by_site_and_reward_presets(store) -> None:
     assert "CO2 [t/yr]" in proc.stdout and "uncontrolled" in proc.stdout
     reports = list((store / "reports" / "tiny").glob("*/comparison.md"))
     assert len(reports) == 1
+
+
+def test_a_runs_closing_summary_puts_it_in_context(store, tmp_path) -> None:
+    client = store_client(store)
+    runs = _runs(store)
+    ppo, base, best = runs["ppo_s0"], runs["uncontrolled"], runs["optimal"]
+    share = (_objective(base) - _objective(ppo)) / (_objective(base) - _objective(best))
+    text = compare.context(ppo.info.run_id, client)
+    assert f"share of the optimum's gain in the balanced objective: {100 * share:.1f} %" in text
+    co2 = ppo.data.metrics["eval/co2_kg"] / base.data.metrics["eval/co2_kg"] - 1
+    assert f"CO2 {100 * co2:+.2f} %" in text
+    # Without references in the store: the commands that make them.
+    cfg = compose_cfg(["site=tiny", *PPO], tmp_path)
+    train.train(cfg)
+    lonely = store_runs(tmp_path)[0]
+    text = compare.context(lonely.info.run_id, store_client(tmp_path))
+    assert "python -m pvbess.train agent=uncontrolled site=tiny" in text
+    assert "python -m pvbess.train agent=optimal site=tiny reward=balanced" in text

@@ -100,15 +100,35 @@ def test_bad_override_exits_nonzero_naming_the_key(override: str, needle: str, t
 
 def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    def leaves(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = compose("train", return_hydra_config=True)
+        base = leaves(OmegaConf.to_container(compose("train")))
         swept = {}
         for name in GROUPS["experiment"]:
             cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
-            swept[name] = dict(cfg.hydra.sweeper.params)
-            # A preset holds only what it changes: everything outside hydra is the default.
-            cfg.hydra = base.hydra
-            assert cfg == base, name
-    assert swept["study_baselines"]["agent"].split(",") == ["uncontrolled", "rbc", "optimal"]
-    assert swept["study_learners"]["agent"].split(",") == ["ppo", "sac", "a2c"]
+            swept[name] = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
+            preset = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+            own = set(leaves(OmegaConf.to_container(preset))) - {"hydra.sweeper.params"}
+            own = {k for k in own if not k.startswith("hydra.")}
+            composed = leaves(OmegaConf.to_container(compose("train", [f"experiment={name}"])))
+            # A preset holds only what it changes: every other key is the default.
+            changed = {k for k in base if composed.get(k) != base[k]}
+            assert changed == {k for k in own if composed[k] != base.get(k)}, name
+    assert swept["study_baselines"]["agent"] == [
+        "uncontrolled",
+        "rbc",
+        "optimal",
+        "mpc",
+        "mpc_persistence",
+    ]
+    assert swept["study_baselines"]["reward"] == ["balanced", "cost_heavy"]
+    assert swept["study_co2_only"]["reward"] == ["co2_only"]
+    assert swept["study_learners"]["agent"] == ["ppo", "sac", "a2c"]
+    assert swept["study_learners"]["seed"] == ["0", "1", "2"]

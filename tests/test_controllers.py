@@ -8,10 +8,12 @@ import pytest
 from hydra.utils import instantiate
 from stable_baselines3.common.monitor import Monitor
 
-from pvbess import evaluation, optimal, train
+from pvbess import train
 from pvbess.config import RewardConfig, RewardWeights
-from pvbess.controllers import Optimal, RuleBased, Uncontrolled
-from pvbess.env import SiteEnv
+from pvbess.control import optimal
+from pvbess.control.controllers import Optimal, RuleBased, Uncontrolled
+from pvbess.experiment import evaluation
+from pvbess.sim.env import SiteEnv
 
 from .conftest import compose_cfg
 

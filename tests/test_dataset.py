@@ -13,10 +13,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pvbess import config, dataset, ev_sessions, plots
+from pvbess import config
 from pvbess.config import ConfigError, CsvSourceConfig, SiteConfig
 from pvbess.errors import DataError
-from pvbess.validation import PlausibilityWarning
+from pvbess.experiment import plots
+from pvbess.site import dataset, ev_sessions
+from pvbess.site.validation import PlausibilityWarning
 
 from .conftest import compose_cfg
 

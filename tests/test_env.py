@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pvbess import evaluation, kpis
 from pvbess.config import RewardConfig, RewardWeights
-from pvbess.env import SiteEnv
+from pvbess.experiment import evaluation
+from pvbess.sim import kpis
+from pvbess.sim.env import SiteEnv
 
 
 class Constant:

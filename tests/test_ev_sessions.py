@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pvbess import ev_sessions
 from pvbess.config import EvClassConfig, EvConfig
+from pvbess.site import ev_sessions
 
 TZ = "America/Lima"
 DAYS = 365

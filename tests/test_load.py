@@ -1,4 +1,4 @@
-"""Tests for pvbess.load on the Iquitos mall (12,368,653 kWh/yr, 2,763 kW peak)."""
+"""Tests for pvbess.site.load on the Iquitos mall (12,368,653 kWh/yr, 2,763 kW peak)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from numpy.testing import assert_allclose
 
-from pvbess import load
 from pvbess.config import ConfigError, LoadConfig
+from pvbess.site import load
 
 MALL: dict[str, Any] = {
     "annual_energy_kwh": 12_368_653.0,

@@ -1,4 +1,4 @@
-"""Tests for pvbess.pv on the Iquitos design (4,050 kWp DC on 1,670 kW AC)."""
+"""Tests for pvbess.site.pv on the Iquitos design (4,050 kWp DC on 1,670 kW AC)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pvlib
 import pytest
 from numpy.testing import assert_allclose
 
-from pvbess import pv
 from pvbess.config import ConfigError, PvConfig
+from pvbess.site import pv
 
 IQUITOS: dict[str, Any] = {
     "latitude_deg": -3.7469,

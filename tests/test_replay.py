@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pvbess import checks, compare, replay, train
+from pvbess import train
+from pvbess.experiment import checks, compare, replay
 
 from .conftest import compose_cfg, store_client, store_runs
 

@@ -23,7 +23,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pvbess import checkpoints
+from pvbess.experiment import checkpoints
 
 from .conftest import ROOT, child_env, metric_steps, the_run
 
@@ -321,7 +321,7 @@ def test_a_checkpoint_cut_short_is_never_the_latest(tmp_path: Path, monkeypatch)
     import gymnasium as gym
     from stable_baselines3 import PPO
 
-    from pvbess import tracking
+    from pvbess.experiment import tracking
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("cut-short")  # not the experiment an earlier test left active

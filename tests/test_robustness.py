@@ -86,7 +86,7 @@ def crashed_run_with_truncated_checkpoint(root: Path) -> None:
     import gymnasium as gym
     from stable_baselines3 import PPO
 
-    from pvbess import checkpoints, tracking
+    from pvbess.experiment import checkpoints, tracking
 
     cfg = compose_cfg(["site=tiny", "agent=ppo"], root)
     out_dir = Path(cfg.paths.output_dir)

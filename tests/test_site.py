@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from omegaconf import open_dict
 
-from pvbess import config, dataset
-from pvbess.validation import PlausibilityWarning
+from pvbess import config
+from pvbess.site import dataset
+from pvbess.site.validation import PlausibilityWarning
 
 from .conftest import ROOT, SHARED_OE2, compose_cfg, run_module
 

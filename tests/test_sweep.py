@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pvbess import sweep
+from pvbess.experiment import sweep, tracking
 
 from .conftest import CONF, artifact_paths, run_module, store_client, store_runs
 
@@ -45,9 +45,9 @@ def check_sweep(root: Path, n_jobs: int, overrides: str) -> list[Run]:
     assert parent.data.params["overrides"] == overrides
     assert parent.data.metrics["sweep/jobs_finished"] == n_jobs
     assert len(kids) == n_jobs
-    assert sorted(int(k.data.tags[sweep.JOB_TAG]) for k in kids) == list(range(n_jobs))
+    assert sorted(int(k.data.tags[tracking.JOB_TAG]) for k in kids) == list(range(n_jobs))
     for kid in kids:
-        assert kid.data.tags[sweep.PARENT_TAG] == pid
+        assert kid.data.tags[tracking.PARENT_TAG] == pid
         assert kid.info.status == "FINISHED"
         assert "MLFLOW_RUN_ID" not in kid.data.tags
     return kids
@@ -69,12 +69,12 @@ def check_complete(client: MlflowClient, kids: list[Run]) -> None:
 
 
 def test_parent_tags_only_inside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sweep.PARENT_ENV, raising=False)
-    monkeypatch.delenv(sweep.JOB_ENV, raising=False)
-    assert sweep.parent_tags() == {}
-    monkeypatch.setenv(sweep.PARENT_ENV, "abc123")
-    monkeypatch.setenv(sweep.JOB_ENV, "7")
-    assert sweep.parent_tags() == {"mlflow.parentRunId": "abc123", "sweep_job": "7"}
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv(tracking.JOB_ENV, raising=False)
+    assert tracking.parent_tags() == {}
+    monkeypatch.setenv(tracking.PARENT_ENV, "abc123")
+    monkeypatch.setenv(tracking.JOB_ENV, "7")
+    assert tracking.parent_tags() == {"mlflow.parentRunId": "abc123", "sweep_job": "7"}
 
 
 def _hydra_cfg(*overrides: str):
@@ -101,7 +101,7 @@ def test_experiments_of_a_sweep_over_sites(tmp_path: Path, monkeypatch) -> None:
 def test_launchers_compose() -> None:
     default = _hydra_cfg().hydra
     assert default.launcher._target_.endswith("JoblibLauncher")
-    assert default.callbacks.mlflow_sweep._target_ == "pvbess.sweep.MlflowSweepCallback"
+    assert default.callbacks.mlflow_sweep._target_ == "pvbess.experiment.sweep.MlflowSweepCallback"
     assert _hydra_cfg("hydra/launcher=joblib", "hydra.launcher.n_jobs=2").hydra.launcher.n_jobs == 2
     assert _hydra_cfg("hydra/launcher=basic").hydra.launcher._target_.endswith("BasicLauncher")
     ray = _hydra_cfg("hydra/launcher=ray").hydra.launcher

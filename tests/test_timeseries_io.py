@@ -10,7 +10,7 @@ import pytest
 
 from pvbess.config import ConfigError, CsvSourceConfig
 from pvbess.errors import DataError
-from pvbess.timeseries_io import read_series
+from pvbess.site.timeseries_io import read_series
 
 OE2_DIR = Path(__file__).resolve().parents[2] / "shared" / "oe2"
 PV_FILE = OE2_DIR / "pv_generation_hourly_citylearn_v2.csv"

@@ -16,7 +16,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from pvbess import config, sweep, tune
+from pvbess import config
+from pvbess.experiment import tracking, tune
 
 from .conftest import CONF, ROOT, artifact_paths, child_env, run_module, store_client
 from .test_sweep import TINY, check_complete, family
@@ -142,13 +143,13 @@ def test_two_trial_search(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "search"
     assert parent.data.params["size"] == "2"
     assert len(kids) == 2
-    assert all(k.data.tags[sweep.PARENT_TAG] == parent.info.run_id for k in kids)
+    assert all(k.data.tags[tracking.PARENT_TAG] == parent.info.run_id for k in kids)
     check_complete(client, kids)
     for key, value in best.params.items():
         assert float(parent.data.params[f"best.{key}"]) == pytest.approx(value)
     assert parent.data.metrics["best/reward_total_mean"] == pytest.approx(best.value)
     best_run = client.get_run(parent.data.tags["best_run_id"])
-    assert best_run.data.tags[sweep.JOB_TAG] == str(best.number)
+    assert best_run.data.tags[tracking.JOB_TAG] == str(best.number)
     assert best_run.data.metrics["eval/reward_total_mean"] == pytest.approx(best.value)
     assert artifact_paths(client, parent.info.run_id, "preset") == {"preset/ppo_tuned.yaml"}
 

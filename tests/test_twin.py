@@ -32,12 +32,14 @@ import pandas as pd
 import pytest
 from stable_baselines3 import PPO
 
-from pvbess import config, dataset, kpis
-from pvbess import reward as rw
+from pvbess import config
 from pvbess.config import ConfigError, RewardConfig, RewardWeights
-from pvbess.controllers import Optimal, RuleBased, Uncontrolled
-from pvbess.env import CityLearnBackend, SiteEnv
-from pvbess.twin import TwinData, TwinVecEnv
+from pvbess.control.controllers import Optimal, RuleBased, Uncontrolled
+from pvbess.sim import kpis
+from pvbess.sim import reward as rw
+from pvbess.sim.env import CityLearnBackend, SiteEnv
+from pvbess.sim.twin import TwinData, TwinVecEnv
+from pvbess.site import dataset
 
 from .conftest import compose_cfg
 

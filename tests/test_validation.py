@@ -11,8 +11,8 @@ import pytest
 
 from pvbess.config import CsvSourceConfig
 from pvbess.errors import DataError
-from pvbess.timeseries_io import read_series
-from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
+from pvbess.site.timeseries_io import read_series
+from pvbess.site.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 PV_FILE = (
     Path(__file__).resolve().parents[2] / "shared" / "oe2" / "pv_generation_hourly_citylearn_v2.csv"

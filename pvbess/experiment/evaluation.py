@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pvbess import kpis
-from pvbess.env import SiteEnv
+from pvbess.sim import kpis
+from pvbess.sim.env import SiteEnv
 
 log = logging.getLogger(__name__)
 

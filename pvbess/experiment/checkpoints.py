@@ -38,7 +38,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
-from pvbess.tracking import MetricBuffer
+from pvbess.experiment.tracking import MetricBuffer
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def resume_target(value: str, cfg: DictConfig) -> ResumeTarget:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pvbess import tracking
+    from pvbess.experiment import tracking
 
     path = Path(value).expanduser()
     saved: DictConfig | None = None

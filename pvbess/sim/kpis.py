@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pvbess.reward import COMPONENTS
+from pvbess.sim.reward import COMPONENTS
 from pvbess.units import STEP_HOURS
 
 

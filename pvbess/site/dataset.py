@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pvbess import battery, ev_sessions, load, plots, pv, tariff
 from pvbess.config import ConfigError, SiteConfig, validate_site
 from pvbess.errors import DataError
-from pvbess.timeseries_io import read_series
+from pvbess.experiment import plots
+from pvbess.site import battery, ev_sessions, load, pv, tariff
+from pvbess.site.timeseries_io import read_series
+from pvbess.site.validation import PlausibilityWarning, check_pv_plausibility, check_series
 from pvbess.units import STEP_HOURS
-from pvbess.validation import PlausibilityWarning, check_pv_plausibility, check_series
 
 log = logging.getLogger(__name__)
 

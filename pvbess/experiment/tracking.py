@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,11 +19,12 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import numpy as np
 import requests
+from hydra.core.hydra_config import HydraConfig
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +44,37 @@ SERVER_PROBE_TIMEOUT_S = 5.0
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message names the URI or folder and why."""
+
+
+# A sweep's or search's parent run reaches its jobs through these variables.
+PARENT_ENV = "PVBESS_PARENT_RUN_ID"
+JOB_ENV = "PVBESS_SWEEP_JOB"
+PARENT_TAG = "mlflow.parentRunId"
+JOB_TAG = "sweep_job"
+
+
+def parent_tags() -> dict[str, str]:
+    """Tags that make the current run a child of the sweep that started it.
+
+    Empty outside a sweep. ``sweep_job`` is the job's number in the sweep (the
+    trial number in a search), to find a job's run from its number.
+    """
+    parent = os.environ.get(PARENT_ENV, "").strip()
+    if not parent:
+        return {}
+    tags = {PARENT_TAG: parent}
+    job = os.environ.get(JOB_ENV) or _hydra_job_num()
+    if job is not None:
+        tags[JOB_TAG] = str(job)
+    return tags
+
+
+def _hydra_job_num() -> str | None:
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = cast(DictConfig, HydraConfig.get())  # a DictConfig typed as HydraConf
+    num = OmegaConf.select(hydra_cfg, "job.num", default=None)
+    return None if num is None else str(num)
 
 
 def store_uri(root_dir: str | Path) -> str:
@@ -235,9 +268,7 @@ def start_run(
         "env_n_envs": str(cfg.env.get("n_envs", 1)),
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
-    from pvbess import sweep  # imports this module: imported here, not at the top
-
-    tags |= sweep.parent_tags()  # a child of the sweep or search that started this job
+    tags |= parent_tags()  # a child of the sweep or search that started this job
     kwargs = {"run_id": run_id} if run_id else {"run_name": name, "tags": tags}
     with mlflow.start_run(**kwargs) as run:
         if run_id and "error" in run.data.tags:

@@ -17,9 +17,10 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess import optimal, tariff
-from pvbess.battery import one_way_efficiency_frac
-from pvbess.env import SiteEnv
+from pvbess.control import optimal
+from pvbess.sim.env import SiteEnv
+from pvbess.site import tariff
+from pvbess.site.battery import one_way_efficiency_frac
 from pvbess.units import STEP_HOURS
 
 
@@ -124,7 +125,8 @@ class RuleBased(Controller):
         bess = site.bess
         self.floor_kwh = bess.capacity_kwh * bess.soc_min_frac
         self.reserve_kwh = max(bess.capacity_kwh * reserve_soc_frac, self.floor_kwh)
-        # CityLearn's SOC is relative to its capacity, the SOC window's ceiling (pvbess.battery).
+        # CityLearn's SOC is relative to its capacity, the SOC window's ceiling
+        # (pvbess.site.battery).
         self.ceiling_kwh = bess.capacity_kwh * bess.soc_max_frac
         self.eta = one_way_efficiency_frac(bess)
         series = self.env.dataset.series
@@ -180,7 +182,7 @@ class RuleBased(Controller):
 
 
 class Optimal(Controller):
-    """Replays the perfect-foresight LP's schedule (``pvbess.optimal``) step by step.
+    """Replays the perfect-foresight LP's schedule (``pvbess.control.optimal``) step by step.
 
     Solves once at construction for the env's reward weights; each step returns
     the battery's net grid-side energy / power rating and each socket's energy /

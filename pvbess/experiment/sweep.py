@@ -32,52 +32,25 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlflow
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 import pvbess
+from pvbess.experiment import tracking
+from pvbess.experiment.tracking import PARENT_ENV, PARENT_TAG
 
 log = logging.getLogger(__name__)
 
-PARENT_ENV = "PVBESS_PARENT_RUN_ID"
-JOB_ENV = "PVBESS_SWEEP_JOB"
-PARENT_TAG = "mlflow.parentRunId"
-JOB_TAG = "sweep_job"
 MAX_PARAM_CHARS = 6000
 MAX_PARAMS_PER_CALL = 100
 # The override keys that decide which experiment a job writes to.
 EXPERIMENT_KEYS = ("site", "tracking.experiment")
-
-
-def parent_tags() -> dict[str, str]:
-    """Tags that make the current run a child of the sweep that started it.
-
-    Empty outside a sweep. ``sweep_job`` is the job's number in the sweep (the
-    trial number in a search), to find a job's run from its number.
-    """
-    parent = os.environ.get(PARENT_ENV, "").strip()
-    if not parent:
-        return {}
-    tags = {PARENT_TAG: parent}
-    job = os.environ.get(JOB_ENV) or _hydra_job_num()
-    if job is not None:
-        tags[JOB_TAG] = str(job)
-    return tags
-
-
-def _hydra_job_num() -> str | None:
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = cast(DictConfig, HydraConfig.get())  # a DictConfig typed as HydraConf
-    num = OmegaConf.select(hydra_cfg, "job.num", default=None)
-    return None if num is None else str(num)
 
 
 def experiment_name(cfg: DictConfig) -> str:
@@ -89,8 +62,6 @@ def prepare_store(cfg: DictConfig, experiments: Iterable[str]) -> dict[str, str]
 
     Ends with the first experiment selected (``mlflow.set_experiment``).
     """
-    from pvbess import tracking  # here: tracking imports this module
-
     names = list(dict.fromkeys(experiments))
     ids = {}
     for name in reversed(names):
@@ -104,7 +75,7 @@ def start_parent(
     cfg: DictConfig, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """Create the parent run (not the active run of this process); return its id."""
-    from pvbess import tracking
+    from pvbess.experiment import tracking
 
     client = MlflowClient()
     base = {

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pvbess import errors
 from pvbess.config import EvConfig
-from pvbess.validation import PlausibilityWarning
+from pvbess.site.validation import PlausibilityWarning
 
 SESSION_COLUMNS = [
     "session_id",

@@ -42,7 +42,7 @@ CHECKS: tuple[Check, ...] = (
         1e-5,
         "the optimum's replay in CityLearn differs from the LP's CO2",
     ),
-    # A run evaluated on the twin, replayed in CityLearn (pvbess.replay): every KPI
+    # A run evaluated on the twin, replayed in CityLearn (pvbess.experiment.replay): every KPI
     # must be the same to the last bit.
     Check(
         "twin_replay",

@@ -1,20 +1,10 @@
-"""Speed figures, printed (never asserted): ``make bench`` / ``python -m pvbess.bench``.
-
-- raw CityLearn steps/s under random actions vs. the pvbess env under the same
-  actions (the wrapper's cost: target ratio >= 0.95);
-- the pvbess env on the numpy twin (``env.backend=twin``) under the same actions,
-  and the twin's VecEnv stepping ``--n-envs`` copies at once (env steps/s summed
-  over the copies);
-- PPO training steps/s end to end: through the pvbess env on CityLearn, on the
-  twin, and on the twin's VecEnv;
-- peak memory of the process.
-
-``--study`` instead times the README's commands themselves, each as a subprocess
+"""``--study`` instead times the README's commands themselves, each as a subprocess
 in its own empty temporary ``PVBESS_ROOT`` (the user's dataset cache and MLflow
 store are never touched), and prints a Markdown table to paste into the README
 (also written to ``reports/bench/<time>/study.md``)::
 
-    python -m pvbess.bench --study [dataset,run,compare-all,tests] [--site S] [OVERRIDE ...]
+    python -m pvbess.experiment.bench --study [dataset,run,compare-all,tests] \
+        [--site S] [OVERRIDE ...]
 
 - ``dataset``: ``make site`` (``python -m pvbess.site site=S``) from an empty cache;
 - ``run``: ``make run`` (``python -m pvbess.train site=S``), with the split the run
@@ -29,15 +19,12 @@ the site under random actions, before and after the commands), so that readers
 on a faster or slower machine can scale the figures.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json
 import os
 import platform
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -48,112 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
-from pvbess import config, dataset
-from pvbess.config import RewardConfig, RewardWeights
-from pvbess.twin import TwinData
-
-
-def _compose(site: str):
-    from hydra import compose, initialize_config_dir
-
-    config.register()
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"site={site}", "paths.root_dir=/unused", "paths.output_dir=/unused"],
-        )
-    return config.validate(cfg)
-
-
-def _raw_citylearn_steps_per_s(schema: Path, actions: np.ndarray) -> float:
-    from citylearn.citylearn import CityLearnEnv
-
-    env = CityLearnEnv(str(schema), central_agent=True, random_seed=0)
-    env.reset()
-    start = time.perf_counter()
-    for a in actions:
-        env.step([a.tolist()])
-    return len(actions) / (time.perf_counter() - start)
-
-
-def _pvbess_steps_per_s(
-    ds: dataset.SiteDataset, actions: np.ndarray, safety: bool, backend: str = "citylearn"
-) -> float:
-    from pvbess.env import SiteEnv
-
-    reward = RewardConfig(name="balanced", weights=RewardWeights())
-    env = SiteEnv(ds, reward, backend=backend, safety_layer=safety)
-    env.reset(seed=0)
-    start = time.perf_counter()
-    for a in actions:
-        env.step(a)
-    return len(actions) / (time.perf_counter() - start)
-
-
-def _twin_vec_steps_per_s(ds: dataset.SiteDataset, n_envs: int, steps: int) -> float:
-    """Env steps/s of the twin's VecEnv under random actions, summed over the copies."""
-    from pvbess.twin import TwinVecEnv
-
-    env = TwinVecEnv(ds, RewardConfig(name="balanced", weights=RewardWeights()), n_envs=n_envs)
-    env.reset()
-    rng = np.random.default_rng(0)
-    n_calls = max(steps // n_envs, 1)
-    actions = rng.uniform(0, 1, (n_calls, n_envs, ds.n_sockets + 1)).astype(np.float32)
-    actions[:, :, 0] = 2 * actions[:, :, 0] - 1
-    start = time.perf_counter()
-    for a in actions:
-        env.step(a)
-    return n_calls * n_envs / (time.perf_counter() - start)
-
-
-def _ppo_steps_per_s(
-    ds: dataset.SiteDataset, steps: int, backend: str = "citylearn", n_envs: int = 1
-) -> float:
-    """PPO end to end; n_envs > 1: on the twin's VecEnv (the same rollout size in steps)."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.monitor import Monitor
-
-    from pvbess.env import SiteEnv
-    from pvbess.twin import TwinVecEnv
-
-    reward = RewardConfig(name="balanced", weights=RewardWeights())
-    env = (
-        TwinVecEnv(ds, reward, n_envs=n_envs)
-        if n_envs > 1
-        else Monitor(SiteEnv(ds, reward, backend=backend))
-    )
-    rollout = max(min(2048, steps) // n_envs, 1)
-    model = PPO("MlpPolicy", env, n_steps=rollout, batch_size=256, seed=0, device="cpu")
-    start = time.perf_counter()
-    model.learn(total_timesteps=steps)
-    return model.num_timesteps / (time.perf_counter() - start)
-
-
-def _lp_figures(ds: dataset.SiteDataset) -> dict[str, float]:
-    """The perfect-foresight LP over the whole period: solve time, size, memory."""
-    from pvbess import optimal
-    from pvbess.env import reward_scales
-
-    reward = RewardConfig(name="balanced", weights=RewardWeights())
-    problem = optimal.Problem.from_dataset(ds, reward.weights, reward_scales(ds, reward))
-    return optimal.solve(problem).metrics()
-
-
-def _random_actions(ds: dataset.SiteDataset, steps: int) -> np.ndarray:
-    """``steps`` (at most the period) random actions: battery in [-1, 1], sockets in [0, 1]."""
-    rng = np.random.default_rng(0)
-    n = min(steps, len(ds.index))
-    return np.concatenate(
-        [rng.uniform(-1, 1, (n, 1)), rng.uniform(0, 1, (n, ds.n_sockets))], axis=1
-    ).astype(np.float32)
-
+from pvbess import config
+from pvbess.experiment import speed
+from pvbess.site import dataset
 
 # --- the study: the README's commands, timed as subprocesses ----------------------------
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[2]
 SHELL = "/bin/bash"  # the Makefile's SHELL: each command line runs as make would run it
 # The study's parts in the order they run, and the Makefile target each one times.
 STUDY_TARGETS = {"dataset": "site", "run": "run", "compare-all": "compare-all", "tests": "test"}
@@ -437,10 +325,10 @@ class Reference:
 def measure_reference(
     ref: Reference, ds: dataset.SiteDataset, repeats: int, out: list[float], progress: Progress
 ) -> None:
-    actions = _random_actions(ds, ref.steps)
+    actions = speed.random_actions(ds, ref.steps)
     ref.steps = len(actions)  # at most the site's period
     for _ in range(repeats):
-        out.append(_raw_citylearn_steps_per_s(ds.schema_path, actions))
+        out.append(speed.raw_citylearn_steps_per_s(ds.schema_path, actions))
     progress.say(
         f"reference: raw CityLearn on site={ref.site}, {len(actions)} random steps: "
         + ", ".join(f"{v:,.0f}" for v in out)
@@ -594,7 +482,7 @@ def study(args: argparse.Namespace, parts: list[str]) -> int:
     cpus = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
     rerun = " ".join(
-        ["python -m pvbess.bench --study", ",".join(parts), "--site", args.site]
+        ["python -m pvbess.experiment.bench --study", ",".join(parts), "--site", args.site]
         + ([f"--budget {args.budget}"] if args.budget is not None else [])
         + [shlex.quote(o) for o in args.overrides]
     )
@@ -628,7 +516,7 @@ def study(args: argparse.Namespace, parts: list[str]) -> int:
     )
     try:
         try:
-            ref_ds = dataset.build(_compose(args.site).site, work / "reference")
+            ref_ds = dataset.build(speed.compose(args.site).site, work / "reference")
         except Exception as exc:  # an unknown site, a bad preset: named, without a traceback
             raise StudyError(f"site={args.site}: {type(exc).__name__}: {exc}") from exc
         measure_reference(ref, ref_ds, args.repeats, ref.before, progress)
@@ -701,148 +589,3 @@ def _study_parts(value: str, parser: argparse.ArgumentParser) -> list[str]:
     if unknown or not names:
         parser.error(f"--study: unknown part(s) {unknown}; choose all or {','.join(STUDY_TARGETS)}")
     return [p for p in STUDY_TARGETS if p in names]  # always in this order
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pvbess.bench",
-        description=__doc__.splitlines()[0],
-        usage="%(prog)s [options]\n       %(prog)s --study [PARTS] [--site S] [--budget N] "
-        "[OVERRIDE ...]",
-    )
-    parser.add_argument("--site", default="iquitos_mall")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="env steps per measurement (default 2000; with --study: of the reference, 1000)",
-    )
-    parser.add_argument("--ppo-steps", type=int, default=4096)
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="repeats of each measurement (best one counts)"
-    )
-    parser.add_argument("--n-envs", type=int, default=16, help="copies in the twin's VecEnv")
-    parser.add_argument("--twin-ppo-steps", type=int, default=32768)
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads for PPO (0 = torch's default); with this small MLP on a "
-        "few busy cores one thread is several times faster than the default",
-    )
-    study_opts = parser.add_argument_group(
-        "study: time the README's commands as subprocesses, print a Markdown table"
-    )
-    study_opts.add_argument(
-        "--study",
-        nargs="?",
-        const="all",
-        metavar="PARTS",
-        help=f"comma-separated parts to run: all (default) or {','.join(STUDY_TARGETS)}",
-    )
-    study_opts.add_argument(
-        "--budget",
-        type=int,
-        default=None,
-        help="compare-all's BUDGET (default: total_timesteps among the overrides, else the "
-        "Makefile's)",
-    )
-    study_opts.add_argument(
-        "--report-dir", default=None, help="default: <project root>/reports/bench/<time>"
-    )
-    study_opts.add_argument(
-        "--work-dir",
-        default=None,
-        help="where the temporary roots go, kept afterwards (default: a temporary folder, "
-        "removed at the end)",
-    )
-    study_opts.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="OVERRIDE",
-        help="Hydra overrides for the dataset, run and compare-all commands, as make's ARGS "
-        "(e.g. total_timesteps=2000)",
-    )
-    args = parser.parse_args(argv)
-    if args.study is None:
-        if args.overrides or args.budget is not None or args.report_dir or args.work_dir:
-            parser.error("overrides, --budget, --report-dir and --work-dir need --study")
-    else:
-        parts = _study_parts(args.study, parser)
-        if any(_key(o) == "site" for o in args.overrides):
-            parser.error("give the site as --site, not as an override")
-        args.steps = args.steps or 1000
-        try:
-            code = study(args, parts)
-        except KeyboardInterrupt:
-            print("interrupted: the study stopped (its temporary roots removed)", file=sys.stderr)
-            code = 130
-        sys.exit(code)
-    args.steps = args.steps or 2000
-    if args.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
-
-    typed = _compose(args.site)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        ds = dataset.build(typed.site, tmp)
-        build_s = time.perf_counter() - t0
-        actions = _random_actions(ds, args.steps)
-        n = len(actions)
-        t0 = time.perf_counter()
-        TwinData.load(ds)
-        twin_load_s = time.perf_counter() - t0
-        raw, wrapped, unsafe, twin, vec = [], [], [], [], []
-        # Interleaved repeats, best of each: the least disturbed by other load on the machine.
-        for _ in range(args.repeats):
-            raw.append(_raw_citylearn_steps_per_s(ds.schema_path, actions))
-            wrapped.append(_pvbess_steps_per_s(ds, actions, safety=True))
-            unsafe.append(_pvbess_steps_per_s(ds, actions, safety=False))
-            twin.append(_pvbess_steps_per_s(ds, actions, safety=True, backend="twin"))
-            vec.append(_twin_vec_steps_per_s(ds, args.n_envs, 8 * n * args.n_envs // 16))
-        lp = _lp_figures(ds)
-        ppo = _ppo_steps_per_s(ds, args.ppo_steps)
-        ppo_twin = _ppo_steps_per_s(ds, args.ppo_steps, backend="twin")
-        ppo_vec = _ppo_steps_per_s(ds, args.twin_ppo_steps, n_envs=args.n_envs)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    threads = args.torch_threads or "default"
-    print(
-        f"site={args.site}  sockets={ds.n_sockets}  steps/measurement={n}  repeats={args.repeats}"
-        f"  torch threads={threads}"
-    )
-    print(f"  dataset build (uncached)        {build_s:10.2f} s")
-    print(f"  CityLearn raw, random actions   {max(raw):10.1f} steps/s")
-    print(
-        f"  pvbess env, same actions        {max(wrapped):10.1f} steps/s  "
-        f"ratio {max(wrapped) / max(raw):.3f} (target >= 0.95)"
-    )
-    print(
-        f"  pvbess env, no safety layer     {max(unsafe):10.1f} steps/s  "
-        f"ratio {max(unsafe) / max(raw):.3f}"
-    )
-    print(
-        f"  pvbess env on the twin          {max(twin):10.1f} steps/s  "
-        f"x{max(twin) / max(raw):.0f} CityLearn raw (twin data load {twin_load_s:.2f} s)"
-    )
-    print(f"  twin VecEnv, {args.n_envs:3d} copies         {max(vec):10.1f} env steps/s")
-    print(f"  PPO training end to end         {ppo:10.1f} env steps/s ({args.ppo_steps} steps)")
-    print(
-        f"  PPO on the twin                 {ppo_twin:10.1f} env steps/s ({args.ppo_steps} steps)"
-    )
-    print(
-        f"  PPO on the twin VecEnv ({args.n_envs:3d})   {ppo_vec:10.1f} env steps/s "
-        f"({args.twin_ppo_steps} steps)"
-    )
-    print(
-        f"  optimum LP (HiGHS), reward=balanced: solve {lp['lp/solve_seconds']:.2f} s, "
-        f"{lp['lp/variables']:,.0f} variables, {lp['lp/constraints']:,.0f} constraints, "
-        f"peak memory during the solve {lp.get('lp/peak_memory_mb', float('nan')):,.0f} MB "
-        "(target: under 60 s)"
-    )
-    print(f"  peak memory (RSS)               {peak_mb:10.0f} MB")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ import pvlib
 from scipy import optimize, signal, stats
 
 from pvbess.config import ConfigError
-from pvbess.units import HOURS_PER_YEAR, SECONDS_PER_HOUR
+from pvbess.units import HOURS_PER_YEAR, step_hours
 
 COLUMNS = ("ghi_w_m2", "dni_w_m2", "dhi_w_m2", "temp_air_c", "dc_power_kw", "ac_power_kw")
 
@@ -63,20 +63,10 @@ _STREAM_PV = 0x5056
 
 
 def _step_hours(index: pd.DatetimeIndex) -> float:
-    """Return the uniform step of ``index`` [h]; raise if it is not uniform."""
+    """The uniform step of ``index`` [h] (``pvbess.units.step_hours``)."""
     if index.tz is None:
         raise ValueError("index must be time-zone aware (e.g. tz='America/Lima')")
-    if len(index) == 0:
-        raise ValueError("index is empty")
-    if len(index) == 1:
-        if index.freq is None:
-            raise ValueError("a one-step index needs a freq to define its step")
-        return pd.Timedelta(index.freq).total_seconds() / SECONDS_PER_HOUR
-    # Via Timedelta, not asi8: pandas 3 indexes may be in us rather than ns.
-    steps_s = np.asarray((index[1:] - index[:-1]).total_seconds(), dtype=float)
-    if not np.allclose(steps_s, steps_s[0]):
-        raise ValueError("index must have a uniform step")
-    return float(steps_s[0]) / SECONDS_PER_HOUR
+    return step_hours(index)
 
 
 def clear_sky_ghi_w_m2(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pvbess.config import ConfigError
-from pvbess.units import SECONDS_PER_HOUR
+from pvbess.units import HOURS_PER_YEAR, step_hours
 
 # Shape of the raw profile, in units of the weekday opening-hours level above
 # the base. Chillers, refrigeration and security lighting run all night in a
@@ -43,18 +43,8 @@ _STREAM_LOAD = 0x4C4F4144
 
 
 def _step_hours(index: pd.DatetimeIndex) -> float:
-    """Return the uniform step of ``index`` [h]; raise if it is not uniform."""
-    if len(index) == 0:
-        raise ValueError("index is empty")
-    if len(index) == 1:
-        if index.freq is None:
-            raise ValueError("a one-step index needs a freq to define its step")
-        return pd.Timedelta(index.freq).total_seconds() / SECONDS_PER_HOUR
-    # Via Timedelta, not asi8: pandas 3 indexes may be in us rather than ns.
-    steps_s = np.asarray((index[1:] - index[:-1]).total_seconds(), dtype=float)
-    if not np.allclose(steps_s, steps_s[0]):
-        raise ValueError("index must have a uniform step")
-    return float(steps_s[0]) / SECONDS_PER_HOUR
+    """The uniform step of ``index`` [h] (``pvbess.units.step_hours``)."""
+    return step_hours(index)
 
 
 def _activity(local_hour: np.ndarray, open_hour: float, close_hour: float) -> np.ndarray:
@@ -188,7 +178,7 @@ def generate_mall_load(
     raw = raw * np.maximum(1.0 + noise_frac * rng.standard_normal(len(index)), 0.0)
 
     # A year of 8760 h carries annual_energy_kwh, so the mean power is fixed.
-    mean_kw = annual_energy_kwh / 8760.0
+    mean_kw = annual_energy_kwh / HOURS_PER_YEAR
     load_kw = rescale_to_mean_and_peak(raw, mean_kw, peak_kw)
     return pd.Series(load_kw, index=index, name="load_kw")
 

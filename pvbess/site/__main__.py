@@ -17,10 +17,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pvbess import config, dataset
+from pvbess import config
 from pvbess.config import ConfigError
 from pvbess.errors import DataError
-from pvbess.validation import PlausibilityWarning
+from pvbess.site import dataset
+from pvbess.site.validation import PlausibilityWarning
 
 config.register()
 
@@ -90,7 +91,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> dataset.SiteDataset:
     return data
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="site_cli")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="site_cli")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

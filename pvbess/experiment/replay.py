@@ -21,7 +21,9 @@ from hydra.utils import get_class, instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
 
-from pvbess import checks, config, dataset, evaluation
+from pvbess import config
+from pvbess.experiment import checks, evaluation
+from pvbess.site import dataset
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Running experiments: training and evaluation, tracking, checkpoints, sweeps,
+search, comparison, benchmarks."""

@@ -1,0 +1,254 @@
+"""One experiment: site dataset -> envs -> agent -> learn -> evaluate -> log.
+
+``resume=<run dir | run id>`` continues an interrupted run from its last checkpoint.
+The heavy modules (torch, CityLearn, MLflow, SB3: about 4 s to import) are
+imported inside the functions, so that a bad override or value fails in a
+fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from pvbess import config
+from pvbess.experiment import cli
+
+if TYPE_CHECKING:
+    from pvbess.experiment.checkpoints import Checkpoint
+    from pvbess.experiment.evaluation import EvalResult
+    from pvbess.site.dataset import SiteDataset
+
+log = logging.getLogger(__name__)
+
+
+def agent_name(cfg: DictConfig) -> str:
+    """'stable_baselines3.PPO' -> 'ppo'; 'pvbess.control.controllers.RuleBased' -> 'rulebased'."""
+    return str(cfg.agent.get("name") or cfg.agent["_target_"].rsplit(".", 1)[-1]).lower()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run (or resume) one experiment; return the evaluation KPIs."""
+    run_id = None
+    if cfg.get("resume"):
+        from pvbess.experiment import checkpoints
+
+        target = checkpoints.resume_target(str(cfg.resume), cfg)
+        if target.finished_kpis is not None:
+            log.info("run %s is FINISHED: nothing to resume", target.run_id)
+            return target.finished_kpis
+        ignored = cli.ignored_overrides()
+        if ignored:
+            log.warning("resuming keeps the run's own config; ignored: %s", " ".join(ignored))
+        log.info("resuming run %s (status %s)", target.run_id, target.status)
+        cfg, run_id = target.cfg, target.run_id
+    # Checks in order of cost, each before the next import: config values (Hydra,
+    # then validate), the site data (pandas, pvlib), then the MLflow store
+    # (MLflow, torch): a bad value or file fails in a second or two, and no store
+    # or experiment is created for a run that cannot start.
+    typed = config.validate(cfg)
+    from pvbess.site import dataset
+
+    site_data = dataset.build(typed.site, cfg.paths.data_dir)
+    from pvbess.experiment import checkpoints, tracking
+
+    out_dir = Path(cfg.paths.output_dir)
+    with (
+        checkpoints.sigterm_as_interrupt(),
+        checkpoints.run_lock(out_dir),
+        tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
+    ):
+        return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
+
+
+def run_experiment(
+    cfg: DictConfig,
+    typed: config.TrainConfig,
+    site_data: SiteDataset,
+    run_id: str,
+    resuming: bool,
+) -> dict[str, float]:
+    """Inside the MLflow run: build env and agent, train, evaluate, log."""
+    import mlflow
+    from hydra.utils import get_class, instantiate
+
+    from pvbess.experiment import checkpoints, checks, evaluation, tracking
+
+    name = agent_name(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    log.info("MLflow run %s (%s) in %s", run_id, name, mlflow.get_tracking_uri())
+    if not resuming:
+        checkpoints.write_run_files(out_dir, run_id, cfg)
+        tracking.log_config(cfg)
+        mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
+    learns = getattr(get_class(cfg.agent["_target_"]), "learns", True)
+    envs = instantiate(cfg.env)(
+        dataset=site_data,
+        reward=typed.reward,
+        learns=learns,
+        seed=cfg.seed,
+        data_dir=cfg.paths.data_dir,
+        learning_curve=cfg.eval_every > 0,
+    )
+    mlflow.set_tags(envs.tags)
+    train_env, eval_env = envs.train, envs.evaluate
+    start = time.perf_counter()
+    model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
+    if getattr(model, "learns", True) and cfg.total_timesteps > 0:
+        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=envs.curve)
+        tracking.log_model(model)
+    # Setup and training (for a controller: its planning, e.g. the LP solve).
+    mlflow.log_metrics(
+        {
+            "time/train_seconds": time.perf_counter() - start,
+            "time/train_steps": float(getattr(model, "num_timesteps", 0)),
+        }
+    )
+    start = time.perf_counter()
+    result = evaluation.evaluate(eval_env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
+    mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
+    checked = {f"eval/{k}": v for k, v in result.kpis.items()}
+    if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps
+        controller_metrics = model.metrics(result.timeseries)
+        mlflow.log_metrics(controller_metrics)
+        checked |= controller_metrics
+    title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
+    log_evaluation(result, out_dir, title=title)
+    checks.act(checked)
+    from pvbess.experiment import compare
+
+    log.info("in context: %s", compare.context(run_id))
+    return result.kpis
+
+
+def build_agent(
+    cfg: DictConfig, env: Any, name: str, out_dir: Path, resuming: bool
+) -> tuple[Any, Checkpoint | None]:
+    """A new agent from its ``_target_`` partial, or the last checkpoint when resuming.
+
+    ``env`` is the training env, already wrapped (``pvbess.sim.env.build_envs``).
+    """
+    import mlflow
+    from hydra.utils import instantiate
+
+    from pvbess.experiment import checkpoints, device
+
+    dev = device.resolve(cfg.device.name, cfg.device.torch_threads)
+    ckpt = checkpoints.latest(out_dir / "checkpoints", name) if resuming else None
+    if ckpt is None:
+        if resuming:
+            log.warning("no checkpoint in %s: starting again from step 0", out_dir)
+        builder = instantiate(cfg.agent, _convert_="all")
+        return builder(env=env, seed=cfg.seed, device=dev), None
+    model = checkpoints.load(cfg.agent["_target_"], ckpt, env, dev)
+    # A fresh random stream per resume point: resuming one checkpoint twice
+    # gives the same run, and it does not replay the first stream from step 0.
+    model.set_random_seed(cfg.seed + ckpt.steps)
+    tags = {
+        "resumed_from_steps": str(ckpt.steps),
+        "resumed_policy_digest": checkpoints.policy_digest(model),
+    }
+    buffer_size = checkpoints.replay_buffer_size(model)
+    if buffer_size is not None:
+        tags["resumed_replay_buffer_size"] = str(buffer_size)
+    log.info(
+        "resuming from %s (%d steps, policy %s, replay buffer %s)",
+        ckpt.model_path,
+        ckpt.steps,
+        tags["resumed_policy_digest"],
+        "n/a" if buffer_size is None else f"{buffer_size} transitions",
+    )
+    mlflow.set_tags(tags)
+    return model, ckpt
+
+
+def learn(
+    cfg: DictConfig,
+    model: Any,
+    name: str,
+    out_dir: Path,
+    run_id: str,
+    ckpt: Checkpoint | None,
+    resuming: bool,
+    curve_env: Any = None,
+) -> None:
+    """SB3's learn with MLflow logging, checkpoints and a learning curve (``eval_every``);
+    a signal saves a checkpoint and stops."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from pvbess.experiment import checkpoints, evaluation, tracking
+
+    remaining = cfg.total_timesteps - model.num_timesteps
+    if remaining <= 0:
+        log.info("already trained for %d steps", model.num_timesteps)
+        return
+    # Steps the interrupted attempt already logged are not logged twice.
+    buffer = tracking.MetricBuffer(after_step=tracking.last_logged_step(run_id) if resuming else -1)
+    model.set_logger(tracking.sb3_logger(buffer))
+    if ckpt is not None:
+        checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
+    extra = []
+    if cfg.eval_every > 0 and curve_env is not None:
+        extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
+    with checkpoints.graceful_stop() as stop:
+        saver = checkpoints.AtomicCheckpointCallback(
+            buffer=buffer,
+            save_freq=cfg.checkpoint_every,
+            save_path=out_dir / "checkpoints",
+            name_prefix=name,
+            stop=stop,
+        )
+        log.info("training %s from step %d to %d", name, model.num_timesteps, cfg.total_timesteps)
+        model.learn(
+            total_timesteps=remaining,
+            callback=CallbackList([tracking.EpisodeMetricsCallback(buffer), saver, *extra]),
+            log_interval=cfg.log_interval,
+            progress_bar=True,
+            reset_num_timesteps=model.num_timesteps == 0,
+        )
+    if stop.signum is not None:
+        last = saver.last
+        log.warning(
+            "stopped by %s; last checkpoint: %s",
+            signal.Signals(stop.signum).name,
+            "none" if last is None else f"{last.model_path} ({last.steps} steps)",
+        )
+        raise checkpoints.Interrupted(stop.signum)
+    buffer.flush()
+
+
+def log_evaluation(result: EvalResult, out_dir: Path, title: str) -> None:
+    """KPIs as eval/* metrics, CityLearn's as citylearn/*, and the files a user opens."""
+    import mlflow
+
+    from pvbess.experiment import plots
+
+    mlflow.log_metrics({f"eval/{k}": v for k, v in result.kpis.items()})
+    mlflow.log_metrics({f"eval_std/{k}": v for k, v in result.kpis_std.items()})
+    mlflow.log_metrics({f"citylearn/{k}": v for k, v in result.citylearn_kpis.items()})
+    ts_path = out_dir / "eval_timeseries.csv"
+    result.timeseries.to_csv(ts_path, index_label="time")
+    (out_dir / "result.json").write_text(
+        json.dumps(
+            {"kpis": result.kpis, "kpis_std": result.kpis_std, "citylearn": result.citylearn_kpis},
+            indent=1,
+            default=float,
+        )
+    )
+    plots.dashboard(result.timeseries, result.kpis, title, out_dir / "dashboard.png")
+    for f in ("eval_timeseries.csv", "result.json", "dashboard.png"):
+        mlflow.log_artifact(str(out_dir / f))
+    k = result.kpis
+    log.info(
+        "CO2 %.1f t, grid import %.1f MWh, PV self-consumption %.3f, EV unmet %.2f kWh",
+        k["co2_kg"] / 1e3,
+        k["grid_import_kwh"] / 1e3,
+        k["solar_self_consumption_ratio"],
+        k["ev_unmet_kwh"],
+    )

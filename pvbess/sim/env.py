@@ -1,0 +1,234 @@
+"""The Gymnasium env and the envs of a run.
+
+``SiteEnv`` is a central-agent env over one copy of ``pvbess.sim.step.SiteStep``,
+on CityLearn (``CityLearnBackend``, the reference) or on the numpy twin
+(``pvbess.sim.twin``). ``build_envs`` (``env._target_``) makes every env of a run:
+the training years, the evaluation year, the learning curve.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+
+from pvbess.config import BACKENDS, RewardConfig
+from pvbess.sim.citylearn import CityLearnBackend
+from pvbess.sim.step import Simulator, SiteStep
+from pvbess.sim.twin import TwinSimulator, TwinVecEnv
+from pvbess.site.dataset import SiteDataset
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(name: str, dataset: SiteDataset, seed: int | None) -> Simulator:
+    """The simulator behind the env (one copy): ``citylearn`` (reference) or ``twin`` (numpy)."""
+    if name == "citylearn":
+        return CityLearnBackend(dataset, seed=seed)
+    if name == "twin":
+        return TwinSimulator.from_dataset(dataset, n_envs=1, seeds=[seed])
+    raise ValueError(f"env.backend={name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+class SiteEnv(gym.Env):
+    """Central-agent env for SB3: one copy of ``SiteStep`` on either simulator."""
+
+    metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
+
+    def __init__(
+        self,
+        dataset: SiteDataset,
+        reward: RewardConfig,
+        backend: str = "citylearn",
+        safety_layer: bool = True,
+        seed: int | None = None,
+        n_envs: int = 1,
+    ) -> None:
+        """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
+        at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
+        super().__init__()
+        if n_envs > 1 and backend != "twin":
+            raise ValueError(f"env.n_envs={n_envs} needs env.backend=twin (got {backend!r})")
+        self.dataset = dataset
+        self.site = dataset.site
+        self.backend_name = backend
+        self.n_envs = n_envs
+        self.backend: Simulator = make_backend(
+            backend, dataset, dataset.site.seed if seed is None else seed
+        )
+        self.weights = reward.weights
+        self.reward_config = reward
+        self.safety_layer = safety_layer
+        self.core = SiteStep(self.backend, dataset, reward, safety_layer=safety_layer)
+        self.scales = self.core.scales
+        self.n_sockets = dataset.n_sockets
+        self.n_steps = self.backend.n_steps
+        self.action_space = self.core.action_space
+        self.observation_space = self.core.observation_space
+
+    @property
+    def _t(self) -> int:
+        """The step the next action applies to."""
+        return self.core.t
+
+    def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SOC at the start of this step and capacity [kWh] of the EV at each given socket."""
+        soc, cap = self.backend.ev_soc_and_capacity(sockets)
+        return soc[0], cap[0]
+
+    def apply_safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Socket actions raised so each plugged-in EV can still reach its required SOC,
+        and the battery-side energy forced [kWh] (``SiteStep.safety`` for this copy)."""
+        new, forced = self.core.safety(np.asarray(ev_action, dtype=np.float64)[None, :], t)
+        return new[0], forced[0]
+
+    # -- gym API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        return self.core.reset([seed])[0], {}
+
+    def step(self, action: np.ndarray):
+        obs, total, done, parts = self.core.step(np.asarray(action).reshape(1, -1))
+        info: dict[str, Any] = {"reward_components": {k: float(v[0]) for k, v in parts.items()}}
+        if done:
+            info["episode_components"] = {
+                k: float(v[0]) for k, v in self.core.component_sums.items()
+            }
+        return obs[0], float(total[0]), done, False, info
+
+    # -- results -------------------------------------------------------------------------
+    def history(self) -> pd.DataFrame:
+        """The episode so far, one row per step, with reward components."""
+        return self.core.history()
+
+    @property
+    def citylearn(self):
+        """The wrapped CityLearnEnv (for its own evaluate()); only with env.backend=citylearn."""
+        if not isinstance(self.backend, CityLearnBackend):
+            raise AttributeError(
+                f"env.backend={self.backend_name!r} has no CityLearnEnv: evaluate with "
+                "env.backend=citylearn for CityLearn's own KPIs"
+            )
+        return self.backend.env
+
+
+def shared_obs_bounds(steps: Sequence[SiteStep]) -> tuple[np.ndarray, np.ndarray]:
+    """One scaling for several years: the lowest low and the highest high of their
+    simulators' observation bounds [raw units] -> (low, span)."""
+    low = np.min([s.sim.obs_low for s in steps], axis=0)
+    high = np.max([s.sim.obs_low + s.sim.obs_span for s in steps], axis=0)
+    return low, np.maximum(high - low, 1e-9)
+
+
+class YearCycle(gym.Env):
+    """One env over several years of the site: each reset moves to the next year's env."""
+
+    metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
+
+    def __init__(self, envs: Sequence[SiteEnv]) -> None:
+        super().__init__()
+        self.envs = list(envs)
+        self.index = -1
+        self.action_space = self.envs[0].action_space
+        self.observation_space = self.envs[0].observation_space
+
+    @property
+    def current(self) -> SiteEnv:
+        return self.envs[max(self.index, 0)]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.index = (self.index + 1) % len(self.envs)
+        return self.current.reset(seed=seed, options=options)
+
+    def step(self, action: np.ndarray):
+        return self.current.step(action)
+
+
+@dataclass
+class Envs:
+    """The envs of one run: where the agent trains, where it is evaluated (CityLearn, the
+    evaluation year), where its learning curve is measured, and what they hold."""
+
+    train: Any
+    evaluate: SiteEnv
+    curve: SiteEnv | None
+    train_datasets: list[SiteDataset]
+    tags: dict[str, str]
+
+
+def build_envs(
+    *,
+    dataset: SiteDataset,
+    reward: RewardConfig,
+    learns: bool,
+    seed: int,
+    data_dir: str | None = None,
+    backend: str = "twin",
+    n_envs: int = 1,
+    safety_layer: bool = True,
+    train_seeds: Sequence[int] = (1, 2, 3),
+    eval_on_training_data: bool = False,
+    eval_backend: str = "citylearn",
+    learning_curve: bool = True,
+) -> Envs:
+    """Every env of a run (``env._target_``).
+
+    Every reported figure comes from ``eval_backend`` (CityLearn, or its bit-exact
+    twin) on ``dataset``, the evaluation year (``site.seed``). A learning agent
+    trains on the years of ``train_seeds`` (the same site built with those seeds;
+    each episode the next year), on ``backend`` in ``n_envs`` copies (> 1: the
+    twin's VecEnv), with observations scaled by bounds shared by its training
+    years; its evaluation and learning curve (the twin, the evaluation year) use
+    the same scaling. A controller (``learns`` false) reads the env it acts in at
+    every step, so it is built on the evaluation env.
+    """
+    from stable_baselines3.common.monitor import Monitor
+
+    from pvbess.site import dataset as ds_module
+
+    evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer)
+    tags = {"eval_data_hash": dataset.data_hash, "eval_backend": eval_backend}
+    if not learns:
+        return Envs(Monitor(evaluate), evaluate, None, [], tags)
+    if dataset.site.seed in train_seeds and not eval_on_training_data:
+        raise ValueError(f"env.train_seeds {list(train_seeds)} contains site.seed")
+    if data_dir is None:
+        raise ValueError("build_envs needs data_dir to build the training years")
+    years = [ds_module.build(replace(dataset.site, seed=int(s)), data_dir) for s in train_seeds]
+    tags |= {
+        "train_seeds": ",".join(str(s) for s in train_seeds),
+        "train_data_hashes": ",".join(y.data_hash for y in years),
+        "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
+    }
+    if n_envs > 1:
+        train: Any = TwinVecEnv(years, reward, n_envs=n_envs, safety_layer=safety_layer, seed=seed)
+        steps = train.steps
+    else:
+        year_envs = [SiteEnv(y, reward, backend=backend, safety_layer=safety_layer) for y in years]
+        train = Monitor(YearCycle(year_envs))
+        steps = [e.core for e in year_envs]
+    low, span = shared_obs_bounds(steps)
+    for step in steps:
+        step.set_obs_bounds(low, span)
+    evaluate.core.set_obs_bounds(low, span)
+    curve = None
+    if learning_curve:
+        curve = _curve_env(dataset, reward, safety_layer)
+        curve.core.set_obs_bounds(low, span)
+    return Envs(train, evaluate, curve, years, tags)
+
+
+def _curve_env(dataset: SiteDataset, reward: RewardConfig, safety_layer: bool) -> SiteEnv:
+    """The env of the learning curve: the twin when it models the schema (bit-exact with
+    CityLearn, ~30x faster, seconds per point), else CityLearn."""
+    try:
+        return SiteEnv(dataset, reward, backend="twin", safety_layer=safety_layer)
+    except NotImplementedError as exc:
+        log.info("learning curve on CityLearn (the twin does not model this schema: %s)", exc)
+        return SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer)

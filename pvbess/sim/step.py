@@ -1,0 +1,365 @@
+"""The env's step, written once: safety layer -> simulator -> flows -> reward ->
+record -> observation, over [n_envs, ...] arrays (``SiteStep``), and the pure
+functions it is made of. ``pvbess.sim.env.SiteEnv`` runs one copy on CityLearn or
+the twin; ``pvbess.sim.twin.TwinVecEnv`` runs n copies on the twin.
+
+Action: ``[battery, socket_1 .. socket_n]``; battery in [-1, 1] as a fraction of
+its power rating (+ charges), each socket in [0, 1] of its power. Observation: the
+simulator's observations scaled to [0, 1]. Reward: ``pvbess.sim.reward`` from
+the step's physical quantities, which are also recorded (``history``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+
+from pvbess.config import RewardConfig, SiteConfig
+from pvbess.sim import reward as rw
+from pvbess.site.dataset import SiteDataset
+from pvbess.units import STEP_HOURS
+
+# Per-step quantities recorded in the timeseries, all [kWh per step] unless named otherwise.
+RECORD_FIELDS = (
+    "load_kwh",
+    "pv_kwh",
+    "ev_charging_kwh",
+    "bess_charge_kwh",
+    "bess_discharge_kwh",
+    "bess_soc_frac",
+    "net_kwh",
+    "grid_import_kwh",
+    "pv_curtailed_kwh",
+    "pv_used_kwh",
+    "bess_export_kwh",
+    "solar_direct_kwh",
+    "co2_kg",
+    "cost",
+    "ev_departures",
+    "ev_departures_met",
+    "ev_departing_required_kwh",
+    "ev_unmet_kwh",
+    "ev_forced_kwh",
+    "action_bess",
+    "action_ev_mean",
+)
+
+
+# Below this fraction of capacity a departing EV's gap is float32 rounding of CityLearn's SOC.
+SOC_ROUNDING_FRAC = 1e-4
+# A per-step quantity of one env (a float) or of a batch of env copies (an array).
+Quantity = float | np.floating | np.ndarray
+
+
+class Simulator(Protocol):
+    """What the env's step uses of a simulator of ``n_envs`` copies of the site.
+
+    Session tables are [socket, step] arrays over the episode, shared by the copies:
+    ``state`` (1 plugged in, 2 arriving next step, 3 away), ``departure_steps`` (steps
+    left while plugged in), ``required_soc``. Observations are raw (unscaled) in
+    ``observation_names`` order, [n_envs, n_obs]; ``obs_low`` and ``obs_span`` scale
+    them to [0, 1]. Quantities are [n_envs] arrays [kWh per step, SOC fraction].
+    """
+
+    n_envs: int
+    n_steps: int
+    observation_names: list[str]
+    obs_low: np.ndarray
+    obs_span: np.ndarray
+    state: np.ndarray
+    departure_steps: np.ndarray
+    required_soc: np.ndarray
+    chargers: list[Any]  # each with charger_id and electricity_consumption [kWh per step]
+
+    @property
+    def t(self) -> int: ...
+
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray: ...
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], bool]: ...
+
+    def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def ev_soc_after_step(self, t: int, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def clip_action(
+    action: np.ndarray, low: np.ndarray, high: np.ndarray, n_envs: int | None = None
+) -> np.ndarray:
+    """The action as float64 inside the action space: flat, or [n_envs, n_actions]."""
+    a = np.asarray(action, dtype=np.float64)
+    return np.clip(a.reshape(-1) if n_envs is None else a.reshape(n_envs, -1), low, high)
+
+
+def action_space(n_sockets: int) -> gym.spaces.Box:
+    """``[battery, socket_1 .. socket_n]``: battery in [-1, 1] (+ charges), sockets in [0, 1]."""
+    low = np.concatenate([[-1.0], np.zeros(n_sockets)]).astype(np.float32)
+    return gym.spaces.Box(low=low, high=np.ones(n_sockets + 1, dtype=np.float32))
+
+
+def observation_space(n_obs: int) -> gym.spaces.Box:
+    """Observations scaled to [0, 1]."""
+    return gym.spaces.Box(0.0, 1.0, shape=(n_obs,), dtype=np.float32)
+
+
+def observation_scaling(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offset and span [float64] that map the simulator's observation bounds to [0, 1]."""
+    obs_low = np.asarray(low, dtype=np.float64)
+    return obs_low, np.maximum(np.asarray(high, dtype=np.float64) - obs_low, 1e-9)
+
+
+def normalize_observation(raw: np.ndarray, obs_low: np.ndarray, obs_span: np.ndarray) -> np.ndarray:
+    """Raw observations scaled to [0, 1] by the simulator's observation-space bounds."""
+    return np.clip((raw - obs_low) / obs_span, 0.0, 1.0).astype(np.float32)
+
+
+def safety_actions(
+    ev_action: np.ndarray,
+    soc: np.ndarray,
+    capacity_kwh: np.ndarray,
+    required_soc: np.ndarray,
+    departure_steps: np.ndarray,
+    step_kwh: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raise plugged sockets' actions so each EV can still reach its required SOC.
+
+    All arrays are per plugged socket (last axis; a leading env axis broadcasts).
+    A vehicle with L steps left needing E kWh in its battery can receive at most
+    (L-1) full steps after this one; the rest must be delivered now. ``step_kwh``
+    is one full step's battery-side energy. Returns the new actions in [0, 1] and
+    the battery-side energy forced [kWh].
+    """
+    need_kwh = np.maximum(required_soc - soc, 0.0) * capacity_kwh
+    later_kwh = np.maximum(departure_steps - 1, 0) * step_kwh
+    must_now = np.clip((need_kwh - later_kwh) / step_kwh, 0.0, 1.0)
+    # Tiny upward margin: CityLearn stores SOC in float32.
+    must_now = np.where(must_now > 0, np.minimum(must_now * (1 + 1e-5) + 1e-7, 1.0), 0.0)
+    new = np.maximum(ev_action, must_now)
+    return new, (new - ev_action) * step_kwh
+
+
+def step_flows(
+    *,
+    load_kwh: Quantity,
+    pv_kwh: Quantity,
+    ev_charging_kwh: Quantity,
+    net_kwh: Quantity,
+    carbon_kg_per_kwh: float,
+    price_per_kwh: float,
+) -> dict[str, Quantity]:
+    """Grid import, curtailment, PV use, CO2 and cost of a step from its balance (vectorised).
+
+    The island grid takes no export: what the site pushes out is lost. Up to the
+    step's PV it is curtailed PV; beyond that it is battery energy discharged
+    with nothing to supply (``bess_export_kwh``), which CityLearn allows.
+    """
+    grid_import = np.maximum(net_kwh, 0.0)
+    export = np.maximum(-net_kwh, 0.0)
+    curtailed = np.minimum(export, pv_kwh)
+    return {
+        "grid_import_kwh": grid_import,
+        "pv_curtailed_kwh": curtailed,
+        "pv_used_kwh": pv_kwh - curtailed,
+        "bess_export_kwh": export - curtailed,
+        "solar_direct_kwh": np.minimum(pv_kwh, load_kwh + ev_charging_kwh),
+        "co2_kg": grid_import * carbon_kg_per_kwh,
+        "cost": grid_import * price_per_kwh,
+    }
+
+
+def departure_gap_kwh(
+    required_soc: np.ndarray, soc_after: np.ndarray, capacity_kwh: np.ndarray
+) -> np.ndarray:
+    """Battery-side energy each departing EV still misses for its required SOC [kWh]."""
+    gap = np.maximum(required_soc - soc_after, 0.0) * capacity_kwh
+    # Below SOC_ROUNDING_FRAC of capacity it is float32 rounding in the SOC, not a shortfall.
+    return np.where(gap > SOC_ROUNDING_FRAC * capacity_kwh, gap, 0.0)
+
+
+def socket_step_kwh(site: SiteConfig) -> float:
+    """Battery-side energy one socket delivers in a full hourly step [kWh]."""
+    return site.ev.socket_power_kw * STEP_HOURS * site.ev.charger_efficiency_frac
+
+
+def reward_scales(dataset: SiteDataset, reward: RewardConfig) -> rw.RewardScales:
+    """The reward's per-step normalisation for this site."""
+    return rw.RewardScales.from_site(
+        dataset.site,
+        load_peak_kw=float(dataset.series["load_kwh"].max()),
+        peak_threshold_frac=reward.peak_threshold_frac,
+    )
+
+
+class SiteStep:
+    """The env's step, for ``n_envs`` copies at once: the one place it is written.
+
+    safety layer -> simulator step -> flows -> reward -> record -> observation, over
+    [n_envs, ...] arrays. ``SiteEnv`` runs one copy on either simulator; the twin's
+    VecEnv runs n copies. A new observation feature or action mode is written here
+    once, and the twin/CityLearn parity tests cover it on both simulators.
+    """
+
+    def __init__(
+        self,
+        sim: Simulator,
+        dataset: SiteDataset,
+        reward: RewardConfig,
+        safety_layer: bool = True,
+        record: bool = True,
+    ) -> None:
+        self.sim = sim
+        self.dataset = dataset
+        self.site = dataset.site
+        self.n_envs = sim.n_envs
+        self.n_steps = sim.n_steps
+        self.n_sockets = dataset.n_sockets
+        self.weights = reward.weights
+        self.scales = reward_scales(dataset, reward)
+        self.safety_layer = safety_layer
+        self.record = record
+        self.action_space = action_space(self.n_sockets)
+        self.observation_space = observation_space(len(sim.observation_names))
+        # What scales observations to [0, 1]: the simulator's own bounds, or bounds shared
+        # by every year a learner sees (``shared_obs_bounds``), so that one raw value is
+        # one observation whichever year it comes from.
+        self.obs_low, self.obs_span = sim.obs_low, sim.obs_span
+        self._step_kwh = socket_step_kwh(self.site)
+        self._price = dataset.series["price_per_kwh"].to_numpy()
+        self._carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
+        n = self.n_steps
+        state = sim.state[:, :n]
+        self._plugged = [np.flatnonzero(state[:, t] == 1) for t in range(n)]
+        self._departing = [
+            np.flatnonzero((state[:, t] == 1) & (sim.departure_steps[:, t] == 1)) for t in range(n)
+        ]
+        self.t = 0
+        self.history_arrays: dict[str, np.ndarray] = {}
+        self.components: dict[str, np.ndarray] = {}
+        self.returns = np.zeros(self.n_envs)
+        self.component_sums: dict[str, np.ndarray] = {}
+
+    def observe(self, raw: np.ndarray) -> np.ndarray:
+        """[n_envs, n_obs] observations scaled to [0, 1]."""
+        return normalize_observation(raw, self.obs_low, self.obs_span)
+
+    def set_obs_bounds(self, low: np.ndarray, span: np.ndarray) -> None:
+        """Scale observations with these bounds [raw units] instead of the simulator's."""
+        if low.shape != self.obs_low.shape:
+            raise ValueError(f"{low.shape[0]} bounds for {self.obs_low.shape[0]} observations")
+        self.obs_low, self.obs_span = low, span
+
+    def reset(self, seeds: Sequence[int | None] | None = None) -> np.ndarray:
+        raw = self.sim.reset(seeds)
+        n = self.n_envs
+        self.t = 0
+        self._prev_import = np.zeros(n)
+        self.returns = np.zeros(n)
+        self.component_sums = {k: np.zeros(n) for k in rw.COMPONENTS}
+        if self.record:
+            self.history_arrays = {k: np.zeros((n, self.n_steps)) for k in RECORD_FIELDS}
+            self.components = {k: np.zeros((n, self.n_steps)) for k in (*rw.COMPONENTS, "total")}
+        return self.observe(raw)
+
+    def safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raise plugged sockets' actions [n_envs, socket] so that each EV can still reach
+        its required SOC; returns the new actions and the battery-side energy forced [kWh]."""
+        new = ev_action.copy()
+        forced = np.zeros_like(ev_action)
+        plugged = self._plugged[t]
+        if plugged.size == 0:
+            return new, forced
+        soc, cap = self.sim.ev_soc_and_capacity(plugged)
+        new[:, plugged], forced[:, plugged] = safety_actions(
+            ev_action[:, plugged],
+            soc,
+            cap,
+            self.sim.required_soc[plugged, t],
+            self.sim.departure_steps[plugged, t],
+            self._step_kwh,
+        )
+        return new, forced
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, bool, dict[str, np.ndarray]]:
+        """Actions [n_envs, 1 + socket] -> (observations, rewards [n_envs], done, reward parts)."""
+        t = self.t
+        a = clip_action(actions, self.action_space.low, self.action_space.high, self.n_envs)
+        ev_action = a[:, 1:]
+        forced = np.zeros_like(ev_action)
+        if self.safety_layer and self.n_sockets:
+            ev_action, forced = self.safety(ev_action, t)
+        raw, q, done = self.sim.step(np.concatenate([a[:, :1], ev_action], axis=1))
+        flows = step_flows(
+            load_kwh=q["load_kwh"],
+            pv_kwh=q["pv_kwh"],
+            ev_charging_kwh=q["ev_charging_kwh"],
+            net_kwh=q["net_kwh"],
+            carbon_kg_per_kwh=self._carbon[t],
+            price_per_kwh=self._price[t],
+        )
+        departing = self._departing[t]
+        soc_after, caps = self.sim.ev_soc_after_step(t, departing)
+        required = self.sim.required_soc[departing, t]
+        gap = departure_gap_kwh(required, soc_after, caps)
+        unmet = gap.sum(axis=1) if departing.size else np.zeros(self.n_envs)
+        parts = rw.components(
+            grid_import_kwh=flows["grid_import_kwh"],
+            prev_grid_import_kwh=self._prev_import,
+            co2_kg=flows["co2_kg"],
+            cost=flows["cost"],
+            pv_curtailed_kwh=flows["pv_curtailed_kwh"],
+            ev_unmet_kwh=unmet,
+            scales=self.scales,
+        )
+        total = rw.weighted_total(parts, self.weights)
+        self._prev_import = flows["grid_import_kwh"]
+        self.returns += total
+        for k in rw.COMPONENTS:
+            self.component_sums[k] += parts[k]
+        if self.record:
+            departures = {
+                "ev_departures": np.full(self.n_envs, float(departing.size)),
+                "ev_departures_met": (gap == 0).sum(axis=1).astype(np.float64),
+                "ev_departing_required_kwh": (required * caps).sum(axis=1),
+                "ev_unmet_kwh": unmet,
+                "ev_forced_kwh": forced.sum(axis=1),
+            }
+            self._record(t, q | flows | departures, a, ev_action, parts, total)
+        self.t = t + 1
+        return self.observe(raw), total, done, parts
+
+    def _record(
+        self,
+        t: int,
+        values: dict[str, np.ndarray],
+        a: np.ndarray,
+        ev_action: np.ndarray,
+        parts: dict[str, np.ndarray],
+        total: np.ndarray,
+    ) -> None:
+        h = self.history_arrays
+        for k, v in values.items():
+            h[k][:, t] = v
+        h["action_bess"][:, t] = a[:, 0]
+        h["action_ev_mean"][:, t] = ev_action.mean(axis=1) if ev_action.shape[1] else 0.0
+        for k, v in parts.items():
+            self.components[k][:, t] = v
+        self.components["total"][:, t] = total
+
+    def history(self, copy: int = 0) -> pd.DataFrame:
+        """One copy's episode so far, one row per step, with reward components."""
+        n = self.t
+        frame = pd.DataFrame(
+            {k: v[copy, :n] for k, v in self.history_arrays.items()},
+            index=self.dataset.index[:n],
+        )
+        frame["price_per_kwh"] = self._price[:n]
+        frame["carbon_kg_per_kwh"] = self._carbon[:n]
+        for k, v in self.components.items():
+            frame[f"reward_{k}"] = v[copy, :n]
+        return frame

@@ -1,0 +1,2 @@
+"""The site: its physics (PV, load, EV sessions, battery, tariff), user files and
+the CityLearn dataset."""
