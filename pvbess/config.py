@@ -417,7 +417,7 @@ class TrainConfig:
         _require(
             "_target_" in self.agent,
             "agent",
-            "needs a _target_ (choose agent=ppo|sac|a2c|uncontrolled|rbc|optimal)",
+            "needs a _target_ (choose agent=ppo|sac|a2c|uncontrolled|rbc|optimal|mpc)",
         )
 
 

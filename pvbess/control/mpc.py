@@ -1,0 +1,475 @@
+"""Model predictive control: the optimum's LP over a rolling window, on forecasts.
+
+Every ``replan_every_h`` hours the controller builds ``pvbess.control.optimal``'s
+``Problem`` for the next ``horizon_h`` hours (same physics, constraints and
+objective as ``agent=optimal``: ``dataclasses.replace`` on the full period's
+problem) and solves it with ``optimal.solve``. What it knows at decision time:
+
+- the battery's stored energy, from the observed ``electrical_storage_soc``
+  (scaled back with the env's observation bounds, as ``RuleBased`` does);
+- each plugged-in vehicle's SOC, required SOC and steps to departure, read from
+  the env as its safety layer does. A vehicle leaving after the window must have
+  by the window's end what full socket power after it cannot deliver;
+- price and carbon intensity (the tariff and the grid are known);
+- PV, load and EV arrivals of the current hour as measured (like ``RuleBased``),
+  later ones through ``forecast``:
+
+  - ``perfect``: the dataset's own future values and sessions;
+  - ``persistence``: the value of the same hour on the last day observed (24 h
+    earlier, 48 h for leads beyond 24 h, ...; before the first day, the first
+    day's), and that day's arrivals shifted to today with their dwell and energy;
+  - ``noisy``: perfect x (1 + e), e Gaussian with std ``noise_frac_at_24h`` x
+    sqrt(lead / 24 h), clipped at >= 0; sessions' energies likewise by the lead
+    of their arrival. Seeded by (run seed, step): reproducible, and independent
+    of how often the controller replans.
+
+Forecast sessions sit on virtual sockets beyond the site's, one each, so they
+never collide with a plugged vehicle; each keeps a "home" (the site socket of the
+session it is, or is copied from). ``terminal=start`` keeps the stored energy at
+the window's end at least its start (else a window empties the battery); a window
+that reaches the end of the period ends free, like ``agent=optimal``. A window
+starting after the first step has the optimum's ramp from zero import taken out of
+its first step (``_without_ramp_from_zero``).
+
+The first planned step becomes the action: battery = net grid-side energy /
+(power_kw x 1 h), each socket = its energy / socket energy per step; the plan's
+later steps are used until the next replan, a socket whose planning-time vehicle
+has left taking what the plan gives the forecast vehicles homed there. Every
+socket's energy is capped at what its vehicle still needs; the env's safety layer
+stays underneath and raises whatever a vehicle that came unforeseen needs.
+By default each window is solved as the LP alone (``exact: false``: a few ms
+each); its realized plan can sit above the window's LP bound where the LP
+charges and discharges (or imports and curtails) at once, reported as
+``mpc/window_gap_rel_*``. ``exact: true`` runs ``solve``'s MILP machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+
+from pvbess.config import ConfigError
+from pvbess.control import optimal
+from pvbess.control.controllers import Controller
+from pvbess.units import STEP_HOURS
+
+log = logging.getLogger(__name__)
+
+FORECASTS = ("perfect", "persistence", "noisy")
+TERMINALS = ("start", "free")
+DAY_STEPS = round(24 / STEP_HOURS)
+
+
+@dataclass
+class Forecast:
+    """PV and load over a window [kWh per step], and the sessions expected to arrive after
+    its first step: absolute arrival and departure steps, battery-side energy [kWh], and
+    the site socket each is attributed to (its own, or the one it is copied from)."""
+
+    pv_kwh: np.ndarray
+    load_kwh: np.ndarray
+    arrival: np.ndarray
+    departure: np.ndarray
+    energy_kwh: np.ndarray
+    home: np.ndarray
+
+
+@dataclass
+class Window:
+    """One replan's problem: plugged vehicles first (their site sockets and departures
+    within the window), then the forecast ones on virtual sockets (their ``home``)."""
+
+    problem: optimal.Problem
+    sockets: np.ndarray
+    plugged_departure: np.ndarray
+    homes: np.ndarray
+
+
+def _zeros() -> dict[str, float]:
+    return {"pv": 0.0, "load": 0.0, "ev": 0.0}
+
+
+@dataclass
+class _Stats:
+    """What the replans of one episode did."""
+
+    replans: int = 0
+    solve_s: list[float] = field(default_factory=list)
+    window_gap_rel: list[float] = field(default_factory=list)
+    overlap_windows: int = 0
+    not_exact_windows: int = 0
+    variables: int = 0
+    # Forecast errors over the forecast steps (lead >= 1) of every window, per quantity.
+    abs_err: dict[str, float] = field(default_factory=_zeros)
+    actual_sum: dict[str, float] = field(default_factory=_zeros)
+    n_forecast: int = 0
+
+
+def _without_ramp_from_zero(p: optimal.Problem) -> optimal.Problem:
+    """The window's problem without the ramp from zero import into its first step.
+
+    ``optimal.Problem`` models the episode's start: the grid term's ramp charges the
+    first step's import |import_0 - 0| (0.5 x w_grid / max_import per kWh). A window
+    that starts later would see that as a premium on importing now, and discharge the
+    battery into every first step (10 % of the optimum's gain lost on iquitos_mall,
+    balanced). The term is linear there, so it is taken off the first step's price
+    (or carbon intensity, without a cost weight); the true ramp |import_0 - the last
+    import| is then left out: ``Problem`` has no field for the last import.
+    """
+    w, sc = p.weights, p.scales
+    premium = 0.5 * w.grid / sc.max_import_kwh  # per kWh imported in the first step
+    if premium <= 0:
+        return p
+    if w.cost > 0:
+        price = p.price_per_kwh.copy()
+        price[0] -= premium * max(sc.max_cost, 1e-9) / w.cost
+        return replace(p, price_per_kwh=price)
+    if w.co2 > 0:
+        carbon = p.carbon_kg_per_kwh.copy()
+        carbon[0] -= premium * sc.max_co2_kg / w.co2
+        return replace(p, carbon_kg_per_kwh=carbon)
+    return p
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """``optimal.solve`` logs two INFO lines per solve: 17,520 a year at hourly replans."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _steps(key: str, hours: float) -> int:
+    steps = hours / STEP_HOURS
+    if not (math.isfinite(steps) and steps >= 1 and abs(steps - round(steps)) < 1e-9):
+        raise ConfigError(
+            f"{key}: must be a whole number of {STEP_HOURS:g} h steps >= 1, got {hours}"
+        )
+    return round(steps)
+
+
+class Mpc(Controller):
+    """Rolling-horizon optimum on forecasts (see the module docstring)."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        seed: int | None = None,
+        device: Any = None,
+        name: str | None = None,
+        horizon_h: float = 24,
+        replan_every_h: float = 1,
+        forecast: str = "perfect",
+        terminal: str = "start",
+        noise_frac_at_24h: float = 0.2,
+        exact: bool = False,
+        solver: str = "choose",
+        time_limit_s: float = 60.0,
+        threads: int = 0,
+        mip_rel_gap: float = 1e-6,
+        gap_tol_rel: float = 1e-6,
+        max_rounds: int = 20,
+        full_period_bound: bool = True,
+        log_every_h: float = 720,
+    ) -> None:
+        self.horizon = _steps("agent.horizon_h", horizon_h)
+        self.replan = _steps("agent.replan_every_h", replan_every_h)
+        if self.replan > self.horizon:
+            raise ConfigError(
+                f"agent.replan_every_h: {replan_every_h} h exceeds agent.horizon_h = "
+                f"{horizon_h} h (a plan must cover the steps until the next replan)"
+            )
+        if forecast not in FORECASTS:
+            raise ConfigError(f"agent.forecast: {forecast!r}, choose one of {', '.join(FORECASTS)}")
+        if terminal not in TERMINALS:
+            raise ConfigError(f"agent.terminal: {terminal!r}, choose one of {', '.join(TERMINALS)}")
+        if not (math.isfinite(noise_frac_at_24h) and noise_frac_at_24h >= 0):
+            raise ConfigError(f"agent.noise_frac_at_24h: must be >= 0, got {noise_frac_at_24h}")
+        if not time_limit_s > 0:
+            raise ConfigError(f"agent.time_limit_s: must be > 0, got {time_limit_s}")
+        super().__init__(env, seed=seed, device=device, name=name)
+        e = self.env
+        self.forecast = forecast
+        self.terminal = terminal
+        self.noise_frac_at_24h = float(noise_frac_at_24h)
+        self.full_period_bound = full_period_bound
+        self.log_every = max(round(log_every_h / STEP_HOURS), 1)
+        self.solve_options: dict[str, Any] = {
+            "solver": solver,
+            "time_limit_s": float(time_limit_s),
+            "threads": int(threads),
+            "mip_rel_gap": float(mip_rel_gap),
+            # The LP alone: no window, block or whole-horizon MILP is tried.
+            "gap_tol_rel": float(gap_tol_rel) if exact else math.inf,
+            "max_rounds": int(max_rounds) if exact else 1,
+        }
+        self.exact = exact
+        self.problem = optimal.Problem.from_dataset(e.dataset, e.weights, e.scales)
+        p = self.problem
+        # The forecasts' sessions must be the ones the simulator plays, cell for cell.
+        if not np.array_equal(optimal.plugged_mask(p), e.backend.state[:, : p.n_steps] == 1):
+            raise RuntimeError("the dataset's sessions differ from the simulator's charger states")
+        order = np.argsort(p.session_arrival_step, kind="stable")
+        self._arr = p.session_arrival_step[order]
+        self._dep = p.session_departure_step[order]
+        self._energy = p.session_energy_kwh[order]
+        self._socket = p.session_socket[order]
+        self._soc_index = e.backend.observation_names.index("electrical_storage_soc")
+        self.ceiling_kwh = p.ceiling_kwh
+        self.step_battery_kwh = self.socket_kwh * self.charger_eff
+        self._rng_seed = abs(int(seed if seed is not None else e.site.seed))
+        self._optimal_log = logging.getLogger(optimal.__name__)
+        self._plan_t0 = -1  # the step the current plan starts at; -1: none
+        self._plan_bess = np.zeros(0)  # battery action per step of the plan
+        self._plan_ev_kwh = np.zeros((e.n_sockets, 0))  # grid-side energy [socket, step]
+        self._last_t = -1
+        self.stats = _Stats()
+        self.last_solution: optimal.Solution | None = None
+
+    # -- what the controller knows at step t ------------------------------------------------
+    def stored_kwh(self, observation: np.ndarray) -> float:
+        """The battery's stored energy from the observed SOC [kWh], inside the SOC window."""
+        core, i = self.env.core, self._soc_index
+        soc = float(np.asarray(observation).reshape(-1)[i]) * core.obs_span[i] + core.obs_low[i]
+        return float(np.clip(soc * self.ceiling_kwh, self.problem.floor_kwh, self.ceiling_kwh))
+
+    def plugged(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Plugged vehicles' sockets, absolute departure steps and battery-side need [kWh]."""
+        b = self.env.backend
+        sockets = np.flatnonzero(b.state[:, t] == 1)
+        if not sockets.size:
+            return sockets, np.zeros(0, dtype=np.int64), np.zeros(0)
+        soc, cap = self.env.ev_soc_and_capacity(sockets)
+        need = np.maximum(b.required_soc[sockets, t] - soc, 0.0) * cap
+        return sockets, t + b.departure_steps[sockets, t].astype(np.int64), need
+
+    def _sessions_arriving(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (arrival order) of the sessions arriving at each step of ``src`` in turn,
+        and how many arrive at each."""
+        lo = np.searchsorted(self._arr, src, side="left")
+        counts = np.searchsorted(self._arr, src, side="right") - lo
+        starts = np.cumsum(counts) - counts
+        return np.repeat(lo - starts, counts) + np.arange(int(counts.sum())), counts
+
+    def forecast_window(self, t: int, n_w: int) -> Forecast:
+        """PV, load and future sessions over [t, t + n_w) as ``forecast`` predicts them.
+
+        Lead 0 (the current hour) is measured; vehicles arriving now are plugged in.
+        """
+        p = self.problem
+        lead = np.arange(n_w)
+        future = t + lead[1:]
+        if self.forecast == "persistence":
+            # The last observed day at that hour; before the first day, the first day's.
+            days_back = -(-lead // DAY_STEPS)
+            src = t + lead - DAY_STEPS * days_back
+            src = np.minimum(np.where(src < 0, src % DAY_STEPS, src), p.n_steps - 1)
+            idx, counts = self._sessions_arriving(src[1:])
+            shift = np.repeat(future - src[1:], counts)
+            return Forecast(
+                pv_kwh=p.pv_kwh[src],
+                load_kwh=p.load_kwh[src],
+                arrival=self._arr[idx] + shift,
+                departure=self._dep[idx] + shift,
+                energy_kwh=self._energy[idx],
+                home=self._socket[idx],
+            )
+        idx, _ = self._sessions_arriving(future)
+        f = Forecast(
+            pv_kwh=p.pv_kwh[t : t + n_w].copy(),
+            load_kwh=p.load_kwh[t : t + n_w].copy(),
+            arrival=self._arr[idx],
+            departure=self._dep[idx],
+            energy_kwh=self._energy[idx].copy(),
+            home=self._socket[idx],
+        )
+        if self.forecast == "noisy":
+            rng = np.random.default_rng([self._rng_seed, t])
+            std = self.noise_frac_at_24h * np.sqrt(lead / DAY_STEPS)
+            f.pv_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
+            f.load_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
+            noise = std[f.arrival - t] * rng.standard_normal(f.arrival.size)
+            f.energy_kwh *= np.maximum(1.0 + noise, 0.0)
+        return f
+
+    def window(self, t: int, stored_kwh: float) -> Window:
+        """The optimum's problem over [t, t + horizon) as the controller sees it at step t."""
+        p = self.problem
+        n_w = min(self.horizon, p.n_steps - t)
+        end = t + n_w
+        f = self.forecast_window(t, n_w)
+        self._score_forecast(t, n_w, f)
+        sockets, dep, need = self.plugged(t)
+        arrival = np.concatenate([np.full(sockets.size, t), f.arrival]) - t
+        departure = np.concatenate([dep, f.departure]) - t
+        energy = np.concatenate([need, f.energy_kwh])
+        # Leaving after the window: what full socket power after it cannot deliver is due by
+        # its end (the safety layer's rule), so the window cannot postpone everything.
+        after = np.maximum(departure - n_w, 0)
+        energy = np.maximum(energy - after * self.step_battery_kwh, 0.0)
+        departure = np.minimum(departure, n_w)
+        # Forecast vehicles on virtual sockets beyond the site's, one each.
+        socket = np.concatenate([sockets, p.n_sockets + np.arange(f.arrival.size)])
+        bess = replace(p.bess, initial_soc_frac=stored_kwh / p.bess.capacity_kwh)
+        final = stored_kwh if self.terminal == "start" and end < p.n_steps else None
+        problem = replace(
+            p,
+            pv_kwh=f.pv_kwh,
+            load_kwh=f.load_kwh,
+            price_per_kwh=p.price_per_kwh[t:end],
+            carbon_kg_per_kwh=p.carbon_kg_per_kwh[t:end],
+            bess=bess,
+            n_sockets=p.n_sockets + f.arrival.size,
+            session_socket=socket.astype(np.int64),
+            session_arrival_step=arrival.astype(np.int64),
+            session_departure_step=departure.astype(np.int64),
+            session_energy_kwh=energy,
+            final_energy_kwh_min=final,
+        )
+        if t > 0:
+            problem = _without_ramp_from_zero(problem)
+        return Window(problem, sockets, departure[: sockets.size], f.home)
+
+    def _score_forecast(self, t: int, n_w: int, f: Forecast) -> None:
+        """Absolute errors of the forecast steps (lead >= 1) against the dataset."""
+        if n_w < 2:
+            return
+        p, st = self.problem, self.stats
+        truth = slice(t + 1, t + n_w)
+        idx, _ = self._sessions_arriving(np.arange(t + 1, t + n_w))
+        ev_true = np.bincount(self._arr[idx] - t, self._energy[idx], minlength=n_w)[1:]
+        ev_hat = np.bincount(f.arrival - t, f.energy_kwh, minlength=n_w)[1:]
+        for key, hat, true in (
+            ("pv", f.pv_kwh[1:], p.pv_kwh[truth]),
+            ("load", f.load_kwh[1:], p.load_kwh[truth]),
+            ("ev", ev_hat, ev_true),
+        ):
+            st.abs_err[key] += float(np.abs(hat - true).sum())
+            st.actual_sum[key] += float(true.sum())
+        st.n_forecast += n_w - 1
+
+    # -- planning and acting -------------------------------------------------------------------
+    def _socket_plan(self, w: Window, ev_grid_kwh: np.ndarray) -> np.ndarray:
+        """The plan's grid-side energy per site socket and step [kWh].
+
+        A vehicle plugged in at planning time keeps its socket until it leaves; after
+        that, a socket takes what the plan gives the forecast vehicles homed there
+        (``Forecast.home``; at most, where several overlap), for whoever arrives.
+        """
+        n_real, n_w = self.env.n_sockets, ev_grid_kwh.shape[1]
+        ev = np.zeros((n_real, n_w))
+        ev[w.sockets] = ev_grid_kwh[w.sockets]
+        busy = np.zeros((n_real, n_w), dtype=bool)
+        busy[w.sockets] = np.arange(n_w)[None, :] < w.plugged_departure[:, None]
+        i, j = np.nonzero(ev_grid_kwh[n_real:] > 0)
+        k = w.homes[i]
+        keep = ~busy[k, j]
+        np.maximum.at(ev, (k[keep], j[keep]), ev_grid_kwh[n_real + i[keep], j[keep]])
+        return ev
+
+    def plan(self, t: int, observation: np.ndarray) -> None:
+        """Solve the window starting at step t; keep its actions until the next replan."""
+        started = time.perf_counter()
+        w = self.window(t, self.stored_kwh(observation))
+        with _quiet(self._optimal_log):
+            sol = optimal.solve(w.problem, **self.solve_options)
+        s = sol.schedule
+        self._plan_bess = (s.bess_charge_kwh - s.bess_discharge_kwh) / (
+            self.bess_power_kw * STEP_HOURS
+        )
+        self._plan_ev_kwh = self._socket_plan(w, s.ev_grid_kwh)
+        self._plan_t0 = t
+        self.last_solution = sol
+        self._record(t, sol, time.perf_counter() - started)
+
+    def _record(self, t: int, sol: optimal.Solution, seconds: float) -> None:
+        st = self.stats
+        st.replans += 1
+        st.solve_s.append(seconds)
+        st.window_gap_rel.append(sol.relaxation_gap_rel)
+        st.overlap_windows += int(sol.steps_realized > 0)
+        st.not_exact_windows += int(self.exact and sol.status != "Optimal")
+        st.variables = max(st.variables, sol.n_variables)
+        if st.replans % max(self.log_every // self.replan, 1) == 0:
+            total = float(np.sum(st.solve_s))
+            log.info(
+                "mpc: step %d/%d, %d replans, solves %.1f s (mean %.1f ms, max %.1f ms)",
+                t,
+                self.problem.n_steps,
+                st.replans,
+                total,
+                1e3 * total / st.replans,
+                1e3 * max(st.solve_s),
+            )
+
+    def predict(
+        self, observation: np.ndarray, deterministic: bool = True
+    ) -> tuple[np.ndarray, None]:
+        t = self.env._t
+        if t <= self._last_t:  # a new episode
+            self.stats, self._plan_t0 = _Stats(), -1
+        self._last_t = t
+        j = t - self._plan_t0
+        if self._plan_t0 < 0 or j >= min(self.replan, len(self._plan_bess)):
+            self.plan(t, observation)
+            j = 0
+        # What each vehicle still needs caps the plan: a forecast vehicle is not the one
+        # that came (the safety layer raises the rest).
+        need_grid_kwh = self.ev_need_kwh(t) / self.charger_eff
+        ev_kwh = np.minimum(self._plan_ev_kwh[:, j], need_grid_kwh)
+        return self._action(float(self._plan_bess[j]), ev_kwh / self.socket_kwh), None
+
+    # -- figures -------------------------------------------------------------------------------
+    def metrics(self, timeseries: pd.DataFrame | None = None) -> dict[str, float]:
+        """Figures for tracking, namespaced ``mpc/``; with the episode, its gap to the LP bound."""
+        st = self.stats
+        solve_s = np.asarray(st.solve_s) if st.solve_s else np.zeros(1)
+        gaps = np.asarray(st.window_gap_rel) if st.window_gap_rel else np.zeros(1)
+        n = max(st.n_forecast, 1)
+        out = {
+            "mpc/replans": float(st.replans),
+            "mpc/solve_seconds_total": float(solve_s.sum()),
+            "mpc/solve_seconds_mean": float(solve_s.mean()),
+            "mpc/solve_seconds_max": float(solve_s.max()),
+            "mpc/window_variables_max": float(st.variables),
+            "mpc/window_gap_rel_mean": float(gaps.mean()),
+            "mpc/window_gap_rel_max": float(gaps.max()),
+            "mpc/windows_overlapping": float(st.overlap_windows),
+        }
+        if self.exact:
+            out["mpc/windows_not_exact"] = float(st.not_exact_windows)
+        for key in ("pv", "load", "ev"):
+            out[f"mpc/forecast_mae_{key}_kwh"] = st.abs_err[key] / n
+            out[f"mpc/forecast_mae_{key}_rel"] = st.abs_err[key] / max(st.actual_sum[key], 1e-9)
+        if timeseries is not None and len(timeseries):
+            objective = -float(timeseries["reward_total"].sum())
+            out["mpc/objective"] = objective
+            out["mpc/ev_forced_kwh"] = float(timeseries["ev_forced_kwh"].sum())
+            if self.full_period_bound and len(timeseries) == self.problem.n_steps:
+                out |= self._bound(objective)
+        return out
+
+    def _bound(self, objective: float) -> dict[str, float]:
+        """The whole period's LP bound (perfect foresight, free end) and the episode's gap."""
+        with _quiet(self._optimal_log):
+            sol = optimal.solve(self.problem, **(self.solve_options | {"gap_tol_rel": math.inf}))
+        bound = sol.objective_bound
+        return {
+            "mpc/lp_bound": bound,
+            "mpc/gap_to_lp_bound_rel": (objective - bound) / max(abs(bound), 1e-9),
+        }
+
+
+__all__ = ["FORECASTS", "TERMINALS", "Mpc"]

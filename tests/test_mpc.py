@@ -1,0 +1,192 @@
+"""The rolling-horizon MPC on the tiny site: the optimum on a whole-period window, never
+better than it, equal service, forecasts, bad config, the entrypoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+from stable_baselines3.common.monitor import Monitor
+
+from pvbess import train
+from pvbess.config import ConfigError, RewardConfig
+from pvbess.control.controllers import Optimal, Uncontrolled
+from pvbess.control.mpc import Mpc
+from pvbess.experiment import evaluation
+from pvbess.sim.env import SiteEnv
+
+from .conftest import compose_cfg, the_run
+
+BALANCED = RewardConfig(name="balanced")
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dataset) -> SiteEnv:
+    # The twin: bit-exact with CityLearn, so the fast way to run many episodes.
+    return SiteEnv(tiny_dataset, BALANCED, backend="twin")
+
+
+def _rollout(env: SiteEnv, controller) -> pd.DataFrame:
+    return evaluation.rollout(env, controller, seed=0, progress=False)
+
+
+def _objective(ts: pd.DataFrame) -> float:
+    """J = minus the summed reward: what the optimum minimises."""
+    return -float(ts["reward_total"].sum())
+
+
+@pytest.fixture(scope="module")
+def optimum(env: SiteEnv) -> tuple[Optimal, float]:
+    c = Optimal(env)
+    return c, _objective(_rollout(env, c))
+
+
+def _mpc(env: SiteEnv, seed: int = 0, **kwargs) -> tuple[Mpc, pd.DataFrame]:
+    c = Mpc(env, seed=seed, **kwargs)
+    return c, _rollout(env, c)
+
+
+def _assert_every_vehicle_leaves_charged(ts: pd.DataFrame) -> None:
+    assert ts["ev_unmet_kwh"].sum() == 0.0
+    assert ts["ev_departures_met"].sum() == ts["ev_departures"].sum() > 0
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["lp", "exact"])
+def test_whole_period_window_reproduces_the_optimum(env, optimum, exact: bool) -> None:
+    opt, j_opt = optimum
+    n = env.n_steps
+    c, ts = _mpc(env, horizon_h=n, replan_every_h=n, terminal="free", exact=exact)
+    m = c.metrics(ts)
+    assert m["mpc/replans"] == 1.0
+    # The window's plan is the optimum's schedule, and so is what the env did with it.
+    assert c.last_solution is not None
+    assert c.last_solution.objective == pytest.approx(opt.solution.objective, rel=1e-7)
+    assert c.last_solution.objective_bound == pytest.approx(opt.solution.objective_bound, rel=1e-7)
+    assert _objective(ts) == pytest.approx(j_opt, rel=1e-7)
+    assert m["mpc/gap_to_lp_bound_rel"] == pytest.approx(
+        (j_opt - m["mpc/lp_bound"]) / m["mpc/lp_bound"], abs=1e-7
+    )
+    _assert_every_vehicle_leaves_charged(ts)
+
+
+@pytest.mark.parametrize(
+    ("horizon_h", "replan_every_h"), [(12, 1), (24, 6)], ids=["12h-hourly", "24h-every-6h"]
+)
+def test_short_horizon_is_never_better_than_the_optimum(
+    env, optimum, horizon_h: int, replan_every_h: int
+) -> None:
+    opt, _ = optimum
+    c, ts = _mpc(env, horizon_h=horizon_h, replan_every_h=replan_every_h)
+    j = _objective(ts)
+    bound = opt.solution.objective_bound
+    assert j >= bound - 1e-9 * abs(bound)
+    # ... and still gains on doing nothing.
+    assert j < _objective(_rollout(env, Uncontrolled(env)))
+    _assert_every_vehicle_leaves_charged(ts)
+    m = c.metrics(ts)
+    assert m["mpc/replans"] == -(-env.n_steps // replan_every_h)
+    assert m["mpc/solve_seconds_total"] >= m["mpc/solve_seconds_max"] > 0
+    assert m["mpc/forecast_mae_pv_kwh"] == 0.0 and m["mpc/forecast_mae_ev_kwh"] == 0.0
+    assert m["mpc/gap_to_lp_bound_rel"] >= -1e-9
+
+
+def test_forecasts_differ_from_perfect_and_noise_is_seeded(env) -> None:
+    perfect, ts_perfect = _mpc(env, forecast="perfect")
+    runs = {
+        "persistence": _mpc(env, forecast="persistence"),
+        "noisy": _mpc(env, forecast="noisy"),
+        "noisy_again": _mpc(env, forecast="noisy"),
+        "noisy_seed_1": _mpc(env, seed=1, forecast="noisy"),
+    }
+    assert perfect.metrics()["mpc/forecast_mae_load_kwh"] == 0.0
+    for name, (c, ts) in runs.items():
+        _assert_every_vehicle_leaves_charged(ts)
+        m = c.metrics()
+        for key in ("pv", "load", "ev"):
+            assert m[f"mpc/forecast_mae_{key}_kwh"] > 0, (name, key)
+        assert not np.array_equal(ts["action_bess"], ts_perfect["action_bess"]), name
+    pd.testing.assert_frame_equal(runs["noisy"][1], runs["noisy_again"][1])
+    noisy, again = runs["noisy"][0].metrics(), runs["noisy_again"][0].metrics()
+    assert {k: v for k, v in noisy.items() if "seconds" not in k} == {
+        k: v for k, v in again.items() if "seconds" not in k
+    }
+    assert not np.array_equal(
+        runs["noisy_seed_1"][1]["action_bess"], runs["noisy"][1]["action_bess"]
+    )
+
+
+def test_persistence_repeats_yesterday(env) -> None:
+    c = Mpc(env, forecast="persistence", horizon_h=48)
+    p = c.problem
+    t = 30
+    f = c.forecast_window(t, 48)
+    assert f.pv_kwh[0] == p.pv_kwh[t]  # the current hour is measured
+    assert np.array_equal(f.pv_kwh[1:25], p.pv_kwh[t - 23 : t + 1])  # leads 1..24: 24 h back
+    assert np.array_equal(f.load_kwh[25:], p.load_kwh[t + 25 - 48 : t])  # then 48 h back
+    # Before the first day: the first day's values at that hour.
+    f0 = c.forecast_window(2, 24)
+    assert np.array_equal(f0.pv_kwh[1:], np.concatenate([p.pv_kwh[3:24], p.pv_kwh[0:2]]))
+    # Yesterday's arrivals, shifted by a day with their dwell and energy.
+    yesterday = (p.session_arrival_step > t - 24) & (p.session_arrival_step <= t)
+    assert np.array_equal(
+        np.sort(f.arrival[f.arrival <= t + 24]), np.sort(p.session_arrival_step[yesterday] + 24)
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"horizon_h": 0}, "agent.horizon_h"),
+        ({"horizon_h": 1.5}, "agent.horizon_h"),
+        ({"replan_every_h": 0}, "agent.replan_every_h"),
+        ({"horizon_h": 6, "replan_every_h": 12}, "agent.replan_every_h"),
+        ({"forecast": "oracle"}, "agent.forecast"),
+        ({"terminal": "full"}, "agent.terminal"),
+        ({"noise_frac_at_24h": -0.1}, "agent.noise_frac_at_24h"),
+    ],
+)
+def test_bad_config_names_the_key(env, overrides: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Mpc(env, **overrides)
+
+
+def test_bad_config_through_hydra_names_the_key(env) -> None:
+    cfg = compose_cfg(["agent=mpc", "site=tiny", "agent.replan_every_h=48"])
+    with pytest.raises(ConfigError, match=r"agent\.replan_every_h: 48 h exceeds agent\.horizon_h"):
+        instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("preset", ["mpc", "mpc_persistence", "mpc_noisy"])
+def test_presets_build_like_an_sb3_agent(env, preset: str) -> None:
+    cfg = compose_cfg([f"agent={preset}", "site=tiny"])
+    model = instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")
+    assert isinstance(model, Mpc) and model.learns is False and model.name == preset
+    assert model.forecast == {"mpc": "perfect"}.get(preset, preset.removeprefix("mpc_"))
+    obs, _ = env.reset(seed=0)
+    action, state = model.predict(obs, deterministic=True)
+    assert state is None
+    assert action.dtype == np.float32 and env.action_space.contains(action)
+
+
+def test_runs_through_the_entrypoint_and_logs_its_figures(make_cfg) -> None:
+    cfg = make_cfg("agent=mpc", "site=tiny", "agent.horizon_h=12")
+    kpis = train.train(cfg)
+    assert kpis["ev_unmet_kwh"] == 0.0
+    run = the_run(cfg.paths.root_dir)
+    assert run.info.status == "FINISHED" and run.info.run_name == "mpc-balanced-s0"
+    m = run.data.metrics
+    assert m["mpc/replans"] == 168.0
+    for key in (
+        "mpc/solve_seconds_total",
+        "mpc/solve_seconds_mean",
+        "mpc/solve_seconds_max",
+        "mpc/forecast_mae_pv_kwh",
+        "mpc/forecast_mae_load_kwh",
+        "mpc/forecast_mae_ev_kwh",
+        "mpc/window_gap_rel_max",
+        "mpc/lp_bound",
+        "mpc/gap_to_lp_bound_rel",
+    ):
+        assert key in m, key
+    assert m["mpc/objective"] == pytest.approx(-m["eval/reward_total_mean"] * m["eval/hours"])
