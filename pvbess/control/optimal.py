@@ -46,7 +46,7 @@ them; the exact optimum is 171.686.
    does not overlap, its realized objective equals the bound: done.
 2. Horizons longer than ``WINDOW_STEPS``: the exact model (a binary per step for
    "charge or discharge", per step with PV for "import or curtail"; big-Ms from
-   the data) is solved window by window (``_polish``: 48 steps every 24, all
+   the data) is solved window by window (``_polish``: 24 steps every 12, all
    other columns fixed, each window a small MILP started from the current
    schedule), which gives an exact schedule. A lower bound on the exact optimum
    comes from Lagrangian decomposition (``_block_bound``): the rows linking
@@ -672,7 +672,7 @@ def _run_highs(
         ]
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    # HiGHS solves a MILP's relaxation only when told simplex or ipm; its MIP solver needs choose.
+    # ``solver`` picks the LP's algorithm; MILPs keep HiGHS's default (its MIP solver).
     h.setOptionValue("solver", "choose" if is_mip else solver)
     h.setOptionValue("time_limit", max(float(time_limit_s), 1e-3))
     if is_mip:
@@ -1053,14 +1053,6 @@ def _realize(p: Problem, cells: _Cells, lay: _Layout, x: np.ndarray) -> Schedule
     return schedule_from_actions(p, bess_net, ev_grid)
 
 
-# Horizons longer than WINDOW_STEPS are made exact window by window (``_polish``: windows of
-# WINDOW_STEPS, every WINDOW_STRIDE_STEPS) and bounded block by block (``_block_bound``);
-# whatever gap is left, and shorter horizons, go to one MILP over the whole horizon.
-WINDOW_STEPS = 48
-WINDOW_STRIDE_STEPS = 24
-BLOCK_STEPS = 24
-
-
 class _Search:
     """``solve``'s state: the best realized schedule, the best lower bound, what was solved."""
 
@@ -1138,45 +1130,46 @@ class _Search:
         self._log_round(run, run.x, 0)
         return run
 
-    def windows_and_blocks(self, lp: _Run, window: int, stride: int, block: int) -> None:
-        """The best schedule made exact window by window, the bound block by block."""
+    def _windows(self, ex: _Exact, window: int, stride: int, deadline: float) -> None:
+        """Make the best schedule exact (and better) window by window (``_polish``)."""
         p, cells, lay = self.p, self.cells, self.lay
-        ex = _Exact.build(p, cells, lay, self.matrix, self.arrays)
-        self.binaries = int(ex.integrality.sum())
         assert self.best is not None
         t0 = time.perf_counter()
-        # The windows get at most 3/4 of the time left, so the blocks can still bound them.
         x, solved, improved, worst = _polish(
             ex,
             ex.point(p, cells, lay, self.best),
             p.n_steps,
             window,
             stride,
-            t0 + 0.75 * max(self.deadline - t0, 0.0),
+            deadline,
             self.mip_rel_gap,
             self.threads,
         )
         self.mip_gaps.append(worst)
         s = self.consider(ex.lp_columns(x, lay.n_cols), float(ex.arrays["cost"] @ x) + self.offset)
-        self.extra |= {"lp/windows": float(solved), "lp/windows_improved": float(improved)}
+        for key, value in (("lp/windows", solved), ("lp/windows_improved", improved)):
+            self.extra[key] = self.extra.get(key, 0.0) + value
         log.info(
-            "optimum, windows of %d steps: %d MILPs (%d binaries in all, %d improved) in "
-            "%.1f s; realized %.10g",
+            "optimum, windows of %d steps every %d: %d MILPs (%d binaries in all, %d improved) "
+            "in %.1f s; realized %.10g",
             window,
+            stride,
             solved,
             self.binaries,
             improved,
             time.perf_counter() - t0,
             s.objective,
         )
-        if lp.row_dual is None:
-            return
+
+    def _blocks(self, ex: _Exact, row_dual: np.ndarray, block: int) -> None:
+        """Raise the bound by Lagrangian decomposition into blocks (``_block_bound``)."""
+        assert self.best is not None
         t0 = time.perf_counter()
         lower, blocks, worst = _block_bound(
             ex,
-            lp.row_dual,
+            row_dual,
             self.offset,
-            p.n_steps,
+            self.p.n_steps,
             block,
             self.deadline,
             self.mip_rel_gap,
@@ -1195,6 +1188,21 @@ class _Search:
             self.best.objective,
             self.gap_rel,
         )
+
+    def windows_and_blocks(
+        self, lp: _Run, window: int, stride: int, block: int, gap_tol_rel: float
+    ) -> None:
+        """The best schedule made exact window by window, the bound raised block by block;
+        if they do not meet, windows twice as long once more."""
+        ex = _Exact.build(self.p, self.cells, self.lay, self.matrix, self.arrays)
+        self.binaries = int(ex.integrality.sum())
+        t0 = time.perf_counter()
+        # The windows get at most 3/4 of the time left, so the blocks can still bound them.
+        self._windows(ex, window, stride, t0 + 0.75 * max(self.deadline - t0, 0.0))
+        if lp.row_dual is not None:
+            self._blocks(ex, lp.row_dual, block)
+        if self.gap_rel > gap_tol_rel and time.perf_counter() < self.deadline:
+            self._windows(ex, 2 * window, window, self.deadline)
 
     def whole_horizon(self, lp: _Run, gap_tol_rel: float, max_rounds: int) -> None:
         """One MILP over the horizon, binaries where its solution overlaps, until exact."""
@@ -1249,10 +1257,12 @@ class _Search:
 
 
 # Horizons longer than WINDOW_STEPS are made exact window by window (``_polish``: windows of
-# WINDOW_STEPS, every WINDOW_STRIDE_STEPS) and bounded block by block (``_block_bound``);
-# whatever gap is left, and shorter horizons, go to one MILP over the whole horizon.
-WINDOW_STEPS = 48
-WINDOW_STRIDE_STEPS = 24
+# WINDOW_STEPS, every WINDOW_STRIDE_STEPS; if that does not meet the bound, once more twice as
+# long) and bounded block by block (``_block_bound``); whatever gap is left, and shorter
+# horizons, go to one MILP over the whole horizon. On iquitos_mall_128, windows of 24 steps
+# reach the optimum as windows of 48 do (to 3e-10), in about half the time.
+WINDOW_STEPS = 24
+WINDOW_STRIDE_STEPS = 12
 BLOCK_STEPS = 24
 
 
@@ -1286,7 +1296,9 @@ def solve(
         lp = search.lp()
         if search.gap_rel > gap_tol_rel and n > WINDOW_STEPS:
             try:
-                search.windows_and_blocks(lp, WINDOW_STEPS, WINDOW_STRIDE_STEPS, BLOCK_STEPS)
+                search.windows_and_blocks(
+                    lp, WINDOW_STEPS, WINDOW_STRIDE_STEPS, BLOCK_STEPS, gap_tol_rel
+                )
             except RuntimeError as err:
                 log.warning("optimum: windows and blocks failed (%s); the whole horizon next", err)
         search.whole_horizon(lp, gap_tol_rel, max_rounds)

@@ -54,7 +54,7 @@ CHECKS: tuple[Check, ...] = (
     Check(
         "lp_relaxation_gap",
         "lp/relaxation_gap_rel",
-        1e-4,
+        1e-5,
         "the realized optimum is above the solver's objective",
     ),
 )
