@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pvbess.config import BessConfig, RewardWeights
-from pvbess.control import optimal
+from pvbess.control import lp, optimal
 from pvbess.sim.reward import RewardScales
 
 CO2_ONLY = RewardWeights(co2=1.0, solar=0.0, cost=0.0, ev=0.0, grid=0.0)
@@ -140,7 +140,7 @@ def test_full_battery_cannot_burn_pv(monkeypatch, rows: bool) -> None:
     # a full battery with nothing to discharge into stays idle, all 10 kWh are curtailed.
     # With the valid rows (discharge <= load) the LP itself is exact; without them one
     # binary makes it so.
-    monkeypatch.setattr(optimal, "VALID_ROWS", rows)
+    monkeypatch.setattr(lp, "VALID_ROWS", rows)
     p = _problem(pv_kwh=[10], load_kwh=[0], bess=_bess(initial_soc_frac=1.0), weights=SOLAR_ONLY)
     sol = optimal.solve(p)
     assert sol.objective_lp == pytest.approx(10.0 if rows else 8.1, abs=1e-6)
@@ -165,7 +165,7 @@ def test_alternating_beats_burning_in_one_step(monkeypatch, rows: bool) -> None:
     # hour, not in one of two), so its bound is lower (15.248 with the valid rows, 12.2
     # without), and its schedule realized as net actions is worse than CityLearn's best
     # (with the rows it keeps the stored energy: idle battery, 16 kWh curtailed).
-    monkeypatch.setattr(optimal, "VALID_ROWS", rows)
+    monkeypatch.setattr(lp, "VALID_ROWS", rows)
     p = _problem(
         pv_kwh=[10, 10], load_kwh=[2, 2], bess=_bess(initial_soc_frac=1.0), weights=SOLAR_ONLY
     )
