@@ -61,3 +61,14 @@ def test_compare_verify_replays_one_run_per_kind_and_says_so(store) -> None:
     for agent in ("ppo", "rbc", "optimal"):
         assert f"{agent}: " in note
     assert "Replayed in CityLearn" in note
+
+
+def test_learners_and_baselines_share_one_evaluation_data_hash(store) -> None:
+    runs = store_runs(store, without=("comparison",))
+    hashes = {r.data.tags["eval_data_hash"] for r in runs}
+    assert len(hashes) == 1
+    learner = next(r for r in runs if r.data.tags["agent"] == "ppo")
+    # ... while the learner trained on other years.
+    assert hashes.isdisjoint(learner.data.tags["train_data_hashes"].split(","))
+    t, _ = compare.table(compare.runs_frame(runs))
+    assert t.site_data.nunique() == 1 and len(t) == 3
