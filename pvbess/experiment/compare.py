@@ -563,8 +563,7 @@ def context(run_id: str, client: MlflowClient | None = None) -> str:
     ]
     frame = runs_frame([run, *refs])
     t, _ = table(frame)
-    mine = frame.iloc[0]
-    row = t[np.logical_and.reduce([t[k] == mine[k] for k in GROUP_KEYS])].iloc[0]
+    row = _members(t, frame.iloc[0]).iloc[0]  # the table's row of this run
     site, reward = tags.get("site", "?"), tags.get("reward", "?")
     lines = []
     if math.isnan(row.co2_change_vs_uncontrolled_pct):

@@ -186,7 +186,9 @@ def build_envs(
     twin's VecEnv), with observations scaled by bounds shared by its training
     years; its evaluation and learning curve (the twin, the evaluation year) use
     the same scaling. A controller (``learns`` false) reads the env it acts in at
-    every step, so it is built on the evaluation env.
+    every step, so it is built on the evaluation env. ``eval_on_training_data`` is
+    the config's consent to ``site.seed`` among ``train_seeds`` (``TrainConfig.check``
+    refuses it otherwise); the tag says whether it happened.
     """
     from stable_baselines3.common.monitor import Monitor
 
@@ -196,8 +198,6 @@ def build_envs(
     tags = {"eval_data_hash": dataset.data_hash, "eval_backend": eval_backend}
     if not learns:
         return Envs(Monitor(evaluate), evaluate, None, [], tags)
-    if dataset.site.seed in train_seeds and not eval_on_training_data:
-        raise ValueError(f"env.train_seeds {list(train_seeds)} contains site.seed")
     if data_dir is None:
         raise ValueError("build_envs needs data_dir to build the training years")
     years = [ds_module.build(replace(dataset.site, seed=int(s)), data_dir) for s in train_seeds]

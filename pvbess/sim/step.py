@@ -303,10 +303,13 @@ class SiteStep:
             price_per_kwh=self._price[t],
         )
         departing = self._departing[t]
-        soc_after, caps = self.sim.ev_soc_after_step(t, departing)
+        if departing.size:  # most steps: nobody leaves, nothing to ask the simulator
+            soc_after, caps = self.sim.ev_soc_after_step(t, departing)
+        else:
+            soc_after = caps = np.zeros((self.n_envs, 0))
         required = self.sim.required_soc[departing, t]
         gap = departure_gap_kwh(required, soc_after, caps)
-        unmet = gap.sum(axis=1) if departing.size else np.zeros(self.n_envs)
+        unmet = gap.sum(axis=1)
         parts = rw.components(
             grid_import_kwh=flows["grid_import_kwh"],
             prev_grid_import_kwh=self._prev_import,
