@@ -308,6 +308,50 @@ class DeviceConfig:
 BACKENDS = ("citylearn", "twin")
 
 
+FORECASTS = ("none", "perfect", "persistence", "noisy")
+ACTION_MODES = ("per_socket", "fleet")
+REWARD_BASELINES = ("none", "uncontrolled")
+
+
+@dataclass
+class ObservationConfig:
+    """What a learner observes beyond the battery, site and price (``pvbess.sim.features``).
+    Each lever is switchable; all features are scaled to [0, 1]."""
+
+    # The simulator's 4 observations per socket (connected, departure, required SOC, SOC).
+    sockets: bool = True
+    # Hour, weekday and day of year as sin/cos.
+    time: bool = False
+    # Price now (/ the highest price) and hours to the next price change (/ 24 h).
+    tariff: bool = False
+    # PV and load at forecast_leads_h ahead: none | perfect | persistence | noisy
+    # (the forecast models of agent=mpc, pvbess.site.forecast).
+    forecast: str = "none"
+    forecast_leads_h: list[int] = field(default_factory=lambda: [1, 3, 6, 12, 24])
+    noise_frac_at_24h: float = 0.2
+    # The episode's running peak grid import (/ the largest possible import).
+    peak: bool = False
+    # Vehicles plugged in, energy they still need, least laxity [h] (/ 24 h).
+    fleet: bool = False
+
+    def check(self) -> None:
+        _require(
+            self.forecast in FORECASTS,
+            "env.observations.forecast",
+            f"unknown forecast {self.forecast!r} (choose {' | '.join(FORECASTS)})",
+        )
+        _require(
+            all(h >= 1 for h in self.forecast_leads_h),
+            "env.observations.forecast_leads_h",
+            f"lead times must be >= 1 h, got {list(self.forecast_leads_h)}",
+        )
+        _require(
+            self.noise_frac_at_24h >= 0,
+            "env.observations.noise_frac_at_24h",
+            f"must be >= 0, got {self.noise_frac_at_24h}",
+        )
+
+
 @dataclass
 class EnvConfig:
     _target_: str = "pvbess.sim.env.build_envs"
@@ -327,8 +371,29 @@ class EnvConfig:
     # KPIs and the CO2 cross-check) or twin (bit-exact, ~30x faster; a study replays
     # runs in CityLearn to prove it: python -m pvbess.compare ... verify=true).
     eval_backend: str = "citylearn"
+    observations: ObservationConfig = field(default_factory=ObservationConfig)
+    # per_socket: [battery, socket_1 .. socket_n]; fleet: [battery, one charging intensity
+    # per vehicle class], allocated to plugged sockets by least laxity first (learners only;
+    # controllers always act per socket).
+    action_mode: str = "per_socket"
+    # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
+    # year) is subtracted from the training reward; the optimal policy is unchanged.
+    reward_baseline: str = "none"
+    # SB3's VecNormalize on the training env (observations and reward), saved with every
+    # checkpoint, frozen at evaluation.
+    normalize: bool = False
 
     def check(self) -> None:
+        _require(
+            self.action_mode in ACTION_MODES,
+            "env.action_mode",
+            f"unknown action mode {self.action_mode!r} (choose {' | '.join(ACTION_MODES)})",
+        )
+        _require(
+            self.reward_baseline in REWARD_BASELINES,
+            "env.reward_baseline",
+            f"unknown baseline {self.reward_baseline!r} (choose {' | '.join(REWARD_BASELINES)})",
+        )
         _require(
             self.backend in BACKENDS,
             "env.backend",

@@ -26,6 +26,28 @@ class Policy(Protocol):
     ) -> tuple[np.ndarray, Any]: ...
 
 
+class Normalized:
+    """A learner that trained behind SB3's VecNormalize, seeing observations scaled by its
+    running statistics, frozen here (``normalize_obs`` does not update them)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vec_normalize = model.get_vec_normalize_env()
+
+    def predict(
+        self, observation: np.ndarray, deterministic: bool = True
+    ) -> tuple[np.ndarray, Any]:
+        scaled = self.vec_normalize.normalize_obs(observation)
+        return self.model.predict(scaled, deterministic=deterministic)
+
+
+def policy(model: Any) -> Policy:
+    """What acts in an evaluation: the model, behind its frozen observation normalization
+    when it trained with one (``env.normalize``)."""
+    getter = getattr(model, "get_vec_normalize_env", None)
+    return model if getter is None or getter() is None else Normalized(model)
+
+
 @dataclass
 class EvalResult:
     """KPIs (mean over episodes), their std, the first episode's timeseries and CityLearn's KPIs."""
@@ -127,7 +149,7 @@ def learning_curve_callback(env: SiteEnv, every_steps: int, log_metrics: Any) ->
             if self.num_timesteps >= self.next_at:
                 while self.next_at <= self.num_timesteps:
                     self.next_at += every_steps
-                ts = rollout(env, self.model, seed=0, progress=False)
+                ts = rollout(env, policy(self.model), seed=0, progress=False)
                 values = kpis.compute(ts, usable_capacity_kwh=usable_kwh)
                 log_metrics(
                     {f"learning/{k}": values[k] for k in LEARNING_CURVE_KPIS}, self.num_timesteps

@@ -95,6 +95,7 @@ def run_experiment(
         seed=cfg.seed,
         data_dir=cfg.paths.data_dir,
         learning_curve=cfg.eval_every > 0,
+        gamma=float(cfg.agent.get("gamma", 0.99)),
     )
     mlflow.set_tags(envs.tags)
     train_env, eval_env = envs.train, envs.evaluate
@@ -111,7 +112,9 @@ def run_experiment(
         }
     )
     start = time.perf_counter()
-    result = evaluation.evaluate(eval_env, model, seed=cfg.seed, episodes=cfg.eval_episodes)
+    result = evaluation.evaluate(
+        eval_env, evaluation.policy(model), seed=cfg.seed, episodes=cfg.eval_episodes
+    )
     mlflow.log_metric("time/eval_seconds", time.perf_counter() - start)
     checked = {f"eval/{k}": v for k, v in result.kpis.items()}
     if hasattr(model, "metrics"):  # a controller's own figures, and its replay's gaps

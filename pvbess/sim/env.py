@@ -9,7 +9,7 @@ the training years, the evaluation year, the learning curve.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import BACKENDS, RewardConfig
+from pvbess.config import BACKENDS, ObservationConfig, RewardConfig
 from pvbess.sim.citylearn import CityLearnBackend
 from pvbess.sim.step import Simulator, SiteStep
 from pvbess.sim.twin import TwinSimulator, TwinVecEnv
@@ -48,6 +48,8 @@ class SiteEnv(gym.Env):
         safety_layer: bool = True,
         seed: int | None = None,
         n_envs: int = 1,
+        observations: ObservationConfig | None = None,
+        action_mode: str = "per_socket",
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -64,7 +66,14 @@ class SiteEnv(gym.Env):
         self.weights = reward.weights
         self.reward_config = reward
         self.safety_layer = safety_layer
-        self.core = SiteStep(self.backend, dataset, reward, safety_layer=safety_layer)
+        self.core = SiteStep(
+            self.backend,
+            dataset,
+            reward,
+            safety_layer=safety_layer,
+            observations=observations,
+            action_mode=action_mode,
+        )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
         self.n_steps = self.backend.n_steps
@@ -176,6 +185,11 @@ def build_envs(
     eval_on_training_data: bool = False,
     eval_backend: str = "citylearn",
     learning_curve: bool = True,
+    observations: ObservationConfig | Mapping[str, Any] | None = None,
+    action_mode: str = "per_socket",
+    reward_baseline: str = "none",
+    normalize: bool = False,
+    gamma: float = 0.99,
 ) -> Envs:
     """Every env of a run (``env._target_``).
 
@@ -189,15 +203,30 @@ def build_envs(
     every step, so it is built on the evaluation env. ``eval_on_training_data`` is
     the config's consent to ``site.seed`` among ``train_seeds`` (``TrainConfig.check``
     refuses it otherwise); the tag says whether it happened.
+
+    A learner's levers (issue 15; tag ``env_levers``): ``observations`` (extra
+    features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
+    vehicle class), ``reward_baseline`` (``uncontrolled``: each training year's
+    uncontrolled reward per step is subtracted from its reward) and ``normalize``
+    (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
+    also scale the evaluation's observations, frozen). Controllers act per socket on
+    the simulator's observations.
     """
     from stable_baselines3.common.monitor import Monitor
 
     from pvbess.site import dataset as ds_module
 
-    evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer)
     tags = {"eval_data_hash": dataset.data_hash, "eval_backend": eval_backend}
     if not learns:
+        evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer)
         return Envs(Monitor(evaluate), evaluate, None, [], tags)
+    obs = (
+        observations
+        if isinstance(observations, ObservationConfig)
+        else ObservationConfig(**dict(observations or {}))
+    )
+    levers = {"observations": obs, "action_mode": action_mode}
+    evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
         raise ValueError("build_envs needs data_dir to build the training years")
     years = [ds_module.build(replace(dataset.site, seed=int(s)), data_dir) for s in train_seeds]
@@ -205,30 +234,86 @@ def build_envs(
         "train_seeds": ",".join(str(s) for s in train_seeds),
         "train_data_hashes": ",".join(y.data_hash for y in years),
         "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
+        "env_levers": levers_label(obs, action_mode, reward_baseline, normalize),
     }
     if n_envs > 1:
-        train: Any = TwinVecEnv(years, reward, n_envs=n_envs, safety_layer=safety_layer, seed=seed)
+        train: Any = TwinVecEnv(
+            years, reward, n_envs=n_envs, safety_layer=safety_layer, seed=seed, **levers
+        )
         steps = train.steps
     else:
-        year_envs = [SiteEnv(y, reward, backend=backend, safety_layer=safety_layer) for y in years]
+        year_envs = [
+            SiteEnv(y, reward, backend=backend, safety_layer=safety_layer, **levers) for y in years
+        ]
         train = Monitor(YearCycle(year_envs))
         steps = [e.core for e in year_envs]
     low, span = shared_obs_bounds(steps)
     for step in steps:
         step.set_obs_bounds(low, span)
+    if normalize:
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
+
+        venv = train if isinstance(train, VecEnv) else DummyVecEnv([lambda: train])
+        train = VecNormalize(venv, norm_obs=True, norm_reward=True, gamma=gamma)
+    if reward_baseline == "uncontrolled":
+        for step, year in zip(steps, years, strict=True):
+            step.set_reward_baseline(uncontrolled_rewards(year, reward, safety_layer))
+    elif reward_baseline != "none":
+        raise ValueError(f"env.reward_baseline={reward_baseline!r}: choose none or uncontrolled")
     evaluate.core.set_obs_bounds(low, span)
     curve = None
     if learning_curve:
-        curve = _curve_env(dataset, reward, safety_layer)
+        curve = _curve_env(dataset, reward, safety_layer, **levers)
         curve.core.set_obs_bounds(low, span)
     return Envs(train, evaluate, curve, years, tags)
 
 
-def _curve_env(dataset: SiteDataset, reward: RewardConfig, safety_layer: bool) -> SiteEnv:
+def levers_label(
+    obs: ObservationConfig, action_mode: str, reward_baseline: str, normalize: bool
+) -> str:
+    """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
+    base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
+    feats = [name for name in ("time", "tariff", "peak", "fleet") if getattr(obs, name)]
+    if obs.forecast != "none":
+        feats.append(f"fc:{obs.forecast}:{','.join(str(h) for h in obs.forecast_leads_h)}")
+        if obs.forecast == "noisy":
+            feats[-1] += f":{obs.noise_frac_at_24h:g}"
+    if not obs.sockets:
+        feats.append("-sockets")
+    parts = [f"obs={'+'.join(feats)}"] if feats else []
+    if action_mode != "per_socket":
+        parts.append(f"act={action_mode}")
+    if reward_baseline != "none":
+        parts.append(f"base={reward_baseline}")
+    if normalize:
+        parts.append("norm")
+    return " ".join(parts) or "default"
+
+
+def uncontrolled_rewards(
+    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool = True
+) -> np.ndarray:
+    """The uncontrolled site's reward at every step of ``dataset``'s year [n_steps] (the
+    twin when it models the schema, else CityLearn): the reward baseline."""
+    from pvbess.control.controllers import Uncontrolled
+
+    env = _curve_env(dataset, reward, safety_layer)
+    controller = Uncontrolled(env)
+    obs, _ = env.reset(seed=dataset.site.seed)
+    done = False
+    while not done:
+        action, _ = controller.predict(obs)
+        obs, _, done, _, _ = env.step(action)
+    return env.history()["reward_total"].to_numpy()
+
+
+def _curve_env(
+    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool, **levers: Any
+) -> SiteEnv:
     """The env of the learning curve: the twin when it models the schema (bit-exact with
     CityLearn, ~30x faster, seconds per point), else CityLearn."""
     try:
-        return SiteEnv(dataset, reward, backend="twin", safety_layer=safety_layer)
+        return SiteEnv(dataset, reward, backend="twin", safety_layer=safety_layer, **levers)
     except NotImplementedError as exc:
         log.info("learning curve on CityLearn (the twin does not model this schema: %s)", exc)
-        return SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer)
+        return SiteEnv(dataset, reward, backend="citylearn", safety_layer=safety_layer, **levers)

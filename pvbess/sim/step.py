@@ -3,10 +3,14 @@ record -> observation, over [n_envs, ...] arrays (``SiteStep``), and the pure
 functions it is made of. ``pvbess.sim.env.SiteEnv`` runs one copy on CityLearn or
 the twin; ``pvbess.sim.twin.TwinVecEnv`` runs n copies on the twin.
 
-Action: ``[battery, socket_1 .. socket_n]``; battery in [-1, 1] as a fraction of
-its power rating (+ charges), each socket in [0, 1] of its power. Observation: the
-simulator's observations scaled to [0, 1]. Reward: ``pvbess.sim.reward`` from
-the step's physical quantities, which are also recorded (``history``).
+Action (``action_mode``): ``per_socket`` is ``[battery, socket_1 .. socket_n]``,
+battery in [-1, 1] as a fraction of its power rating (+ charges), each socket in
+[0, 1] of its power; ``fleet`` is ``[battery, one intensity per vehicle class]``,
+allocated to plugged sockets by least laxity first (``pvbess.sim.fleet``).
+Observation: the simulator's observations scaled to [0, 1], with the features of
+``pvbess.sim.features``. Reward: ``pvbess.sim.reward`` from the step's physical
+quantities, which are also recorded (``history``), less an optional per-step
+baseline (``set_reward_baseline``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import RewardConfig, SiteConfig
+from pvbess.config import ObservationConfig, RewardConfig, SiteConfig
+from pvbess.sim import fleet
 from pvbess.sim import reward as rw
+from pvbess.sim.features import Features
 from pvbess.site.dataset import SiteDataset
 from pvbess.units import STEP_HOURS
 
@@ -95,10 +101,11 @@ def clip_action(
     return np.clip(a.reshape(-1) if n_envs is None else a.reshape(n_envs, -1), low, high)
 
 
-def action_space(n_sockets: int) -> gym.spaces.Box:
-    """``[battery, socket_1 .. socket_n]``: battery in [-1, 1] (+ charges), sockets in [0, 1]."""
-    low = np.concatenate([[-1.0], np.zeros(n_sockets)]).astype(np.float32)
-    return gym.spaces.Box(low=low, high=np.ones(n_sockets + 1, dtype=np.float32))
+def action_space(n_ev_actions: int) -> gym.spaces.Box:
+    """``[battery, ev_1 .. ev_n]``: battery in [-1, 1] (+ charges), the EV actions (sockets,
+    or vehicle classes in fleet mode) in [0, 1]."""
+    low = np.concatenate([[-1.0], np.zeros(n_ev_actions)]).astype(np.float32)
+    return gym.spaces.Box(low=low, high=np.ones(n_ev_actions + 1, dtype=np.float32))
 
 
 def observation_space(n_obs: int) -> gym.spaces.Box:
@@ -210,6 +217,8 @@ class SiteStep:
         reward: RewardConfig,
         safety_layer: bool = True,
         record: bool = True,
+        observations: ObservationConfig | None = None,
+        action_mode: str = "per_socket",
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -221,8 +230,25 @@ class SiteStep:
         self.scales = reward_scales(dataset, reward)
         self.safety_layer = safety_layer
         self.record = record
-        self.action_space = action_space(self.n_sockets)
-        self.observation_space = observation_space(len(sim.observation_names))
+        self.action_mode = action_mode
+        # Fleet mode: one action per vehicle class that has sockets, in the site's order.
+        self.classes = list(dict.fromkeys(c for _, c in dataset.sockets))
+        self._socket_class = np.asarray([self.classes.index(c) for _, c in dataset.sockets])
+        if action_mode == "per_socket":
+            self.action_space = action_space(self.n_sockets)
+        elif action_mode == "fleet":
+            self.action_space = action_space(len(self.classes))
+        else:
+            raise ValueError(f"env.action_mode={action_mode!r}: choose per_socket or fleet")
+        self.features = Features(
+            observations or ObservationConfig(), dataset, sim.observation_names
+        )
+        self.observation_space = observation_space(self.features.size)
+        self._max_need_kwh = self.n_sockets * max(
+            (c.battery_kwh for c in self.site.ev.classes.values()), default=0.0
+        )
+        # Subtracted from the reward returned (not from returns, components or history).
+        self.reward_baseline = np.zeros(sim.n_steps)
         # What scales observations to [0, 1]: the simulator's own bounds, or bounds shared
         # by every year a learner sees (``shared_obs_bounds``), so that one raw value is
         # one observation whichever year it comes from.
@@ -243,8 +269,63 @@ class SiteStep:
         self.component_sums: dict[str, np.ndarray] = {}
 
     def observe(self, raw: np.ndarray) -> np.ndarray:
-        """[n_envs, n_obs] observations scaled to [0, 1]."""
-        return normalize_observation(raw, self.obs_low, self.obs_span)
+        """[n_envs, n_obs] observations in [0, 1]: the simulator's (scaled), then the
+        features of step ``self.t`` (``pvbess.sim.features``)."""
+        obs = normalize_observation(raw, self.obs_low, self.obs_span)
+        f = self.features
+        if not f.all_kept:
+            obs = obs[:, f.keep]
+        extra = []
+        if f.table.shape[1]:
+            row = f.table[min(self.t, f.table.shape[0] - 1)]
+            extra.append(np.broadcast_to(row, (self.n_envs, row.size)))
+        if f.config.peak:
+            extra.append(np.minimum(self._peak_import / self.scales.max_import_kwh, 1.0)[:, None])
+        if f.config.fleet:
+            need_kwh, laxity_h = self.fleet_needs(self.t)
+            extra.append(fleet.aggregates(need_kwh, laxity_h, self.n_sockets, self._max_need_kwh))
+        if not extra:
+            return obs
+        return np.concatenate([obs, *extra], axis=1).astype(np.float32)
+
+    def fleet_needs(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Energy need [kWh] and laxity [h] of the vehicles plugged in at step t (its start),
+        [n_envs, plugged] in ``self._plugged[t]`` order."""
+        if t >= self.n_steps or self._plugged[t].size == 0:
+            empty = np.zeros((self.n_envs, 0))
+            return empty, empty
+        plugged = self._plugged[t]
+        soc, cap = self.sim.ev_soc_and_capacity(plugged)
+        return fleet.needs(
+            soc,
+            cap,
+            self.sim.required_soc[plugged, t],
+            self.sim.departure_steps[plugged, t],
+            self._step_kwh,
+        )
+
+    def set_reward_baseline(self, rewards: np.ndarray) -> None:
+        """Subtract this per-step series [n_steps] from the reward returned to the learner
+        (the uncontrolled site's reward: the optimal policy is unchanged, the variance
+        the learner sees shrinks). Returns, components and history stay the objective's."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.shape != (self.n_steps,):
+            raise ValueError(f"a baseline of {rewards.shape} for {self.n_steps} steps")
+        self.reward_baseline = rewards
+
+    def ev_actions(self, a: np.ndarray, t: int) -> np.ndarray:
+        """The socket actions [n_envs, socket] of clipped actions: as given (per_socket), or
+        each class's intensity allocated by least laxity (fleet)."""
+        if self.action_mode == "per_socket":
+            return a[:, 1:]
+        out = np.zeros((self.n_envs, self.n_sockets))
+        plugged = self._plugged[t]
+        if plugged.size:
+            need_kwh, laxity_h = self.fleet_needs(t)
+            out[:, plugged] = fleet.allocate(
+                a[:, 1:], self._socket_class[plugged], need_kwh, laxity_h, self._step_kwh
+            )
+        return out
 
     def set_obs_bounds(self, low: np.ndarray, span: np.ndarray) -> None:
         """Scale observations with these bounds [raw units] instead of the simulator's."""
@@ -257,6 +338,7 @@ class SiteStep:
         n = self.n_envs
         self.t = 0
         self._prev_import = np.zeros(n)
+        self._peak_import = np.zeros(n)
         self.returns = np.zeros(n)
         self.component_sums = {k: np.zeros(n) for k in rw.COMPONENTS}
         if self.record:
@@ -286,10 +368,11 @@ class SiteStep:
     def step(
         self, actions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, bool, dict[str, np.ndarray]]:
-        """Actions [n_envs, 1 + socket] -> (observations, rewards [n_envs], done, reward parts)."""
+        """Actions [n_envs, 1 + EV actions] -> (observations, rewards [n_envs] less the
+        baseline, done, reward parts)."""
         t = self.t
         a = clip_action(actions, self.action_space.low, self.action_space.high, self.n_envs)
-        ev_action = a[:, 1:]
+        ev_action = self.ev_actions(a, t)
         forced = np.zeros_like(ev_action)
         if self.safety_layer and self.n_sockets:
             ev_action, forced = self.safety(ev_action, t)
@@ -321,6 +404,7 @@ class SiteStep:
         )
         total = rw.weighted_total(parts, self.weights)
         self._prev_import = flows["grid_import_kwh"]
+        self._peak_import = np.maximum(self._peak_import, self._prev_import)
         self.returns += total
         for k in rw.COMPONENTS:
             self.component_sums[k] += parts[k]
@@ -334,7 +418,7 @@ class SiteStep:
             }
             self._record(t, q | flows | departures, a, ev_action, parts, total)
         self.t = t + 1
-        return self.observe(raw), total, done, parts
+        return self.observe(raw), total - self.reward_baseline[t], done, parts
 
     def _record(
         self,

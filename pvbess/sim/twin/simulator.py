@@ -16,7 +16,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 
-from pvbess.config import RewardConfig
+from pvbess.config import ObservationConfig, RewardConfig
 from pvbess.sim import step as site_env
 from pvbess.sim.twin.core import TwinCore
 from pvbess.sim.twin.schema import F32, F64, TwinData
@@ -145,6 +145,8 @@ class TwinVecEnv(VecEnv):
         n_envs: int,
         safety_layer: bool = True,
         seed: int | None = None,
+        observations: ObservationConfig | None = None,
+        action_mode: str = "per_socket",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -159,6 +161,8 @@ class TwinVecEnv(VecEnv):
                 reward,
                 safety_layer=safety_layer,
                 record=False,
+                observations=observations,
+                action_mode=action_mode,
             )
             for ds in years
         ]
@@ -171,7 +175,7 @@ class TwinVecEnv(VecEnv):
         self.n_sockets = first.n_sockets
         self.n_steps = first.n_steps
         self.observation_names = first.sim.observation_names
-        self._actions = np.zeros((n_envs, self.n_sockets + 1))
+        self._actions = np.zeros((n_envs, *first.action_space.shape))
         super().__init__(n_envs, first.observation_space, first.action_space)
         self._created = time.time()
 
