@@ -35,7 +35,9 @@ config.register()
 
 BASELINE = "uncontrolled"
 OPTIMUM = "optimal"
-LEARNING_CURVE_METRIC = "learning/co2_kg"
+# The learning curve's evaluations (the twin, the evaluation year): their mean reward
+# gives J, hence the share of the optimum's gain, during training.
+LEARNING_CURVE_METRIC = "learning/reward_total_mean"
 
 # Table columns: (column title, eval metric, scale to the shown unit).
 COLUMNS: list[tuple[str, str, float]] = [
@@ -125,6 +127,12 @@ def _train_data(tags: dict[str, str]) -> str:
     return seeds + ("*" if tags.get("eval_on_training_data") == "true" else "")
 
 
+def _env_label(tags: dict[str, str]) -> str:
+    label = f"{tags.get('env_backend', '?')}x{tags.get('env_n_envs', '?')}"
+    levers = tags.get("env_levers", "default")
+    return label if levers == "default" else f"{label} {levers}"
+
+
 def runs_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per run: what defines its experiment, its eval KPIs (per year where that
     makes sense) and its objective J."""
@@ -149,9 +157,8 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             # The training budget asked for; a controller trains nothing, and its
             # result does not depend on a training env it never used.
             "budget": int(params.get("total_timesteps", 0)) if learned else 0,
-            "env": f"{tags.get('env_backend', '?')}x{tags.get('env_n_envs', '?')}"
-            if learned
-            else "-",
+            # Where it trained, and its env levers (observations, actions, reward, scaling).
+            "env": _env_label(tags) if learned else "-",
             "seed": tags.get("seed", "?"),
             "peak_threshold_frac": params.get("reward.peak_threshold_frac", "?"),
             "weights": weights,
@@ -240,7 +247,7 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             f"{out.site_data.nunique()} different evaluation datasets: rows are compared only "
             "with the baselines on their own data (column 'eval data')."
         )
-    share, d_co2, d_cost, d_peak, d_unmet = [], [], [], [], []
+    share, base_js, gains, d_co2, d_cost, d_peak, d_unmet = [], [], [], [], [], [], []
     for row in out.itertuples():
         base_j = _baseline_objective(frame, row)
         opt = out[
@@ -250,6 +257,8 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         ]
         gain = None if base_j is None or not len(opt) else base_j - float(opt.objective.iloc[0])
         share.append(100.0 * (base_j - row.objective) / gain if gain else math.nan)
+        base_js.append(math.nan if base_j is None else base_j)
+        gains.append(gain or math.nan)
         ref = _reference_kpis(frame, row.site_data)
         if ref is None:
             d_co2.append(math.nan), d_cost.append(math.nan), d_peak.append(math.nan)
@@ -260,6 +269,8 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         d_peak.append(_pct(row.peak_import_kw, ref.peak_import_kw))
         d_unmet.append(row.ev_unmet_kwh - ref.ev_unmet_kwh)
     out["share_of_optimum_pct"] = share
+    out["baseline_objective"] = base_js
+    out["optimum_gain"] = gains
     out["co2_change_vs_uncontrolled_pct"] = d_co2
     out["cost_change_vs_uncontrolled_pct"] = d_cost
     out["peak_change_vs_uncontrolled_pct"] = d_peak
@@ -400,36 +411,61 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
+    curves = _learning_curves(client, frame, t, out / "learning_curves.png")
+    if curves is not None:
+        files.append(curves)
+    return files
+
+
+def _learning_curves(
+    client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, path: Path
+) -> Path | None:
+    """Share of the optimum's gain on the evaluation year against training steps, one
+    panel per reward preset, one line per seed; the controllers' shares as lines."""
     learners = t[t.train_steps > 0]
-    if len(learners):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, group in enumerate(learners.itertuples()):
-            for k, row in enumerate(_members(frame, group).itertuples()):
-                hist = client.get_metric_history(row.run_id, LEARNING_CURVE_METRIC)
-                if not hist:
+    if not len(learners):
+        return None
+    rewards = sorted(learners.reward.unique())
+    fig, axes = plt.subplots(1, len(rewards), figsize=(7 * len(rewards), 4.8), squeeze=False)
+    for ax, reward in zip(axes[0], rewards, strict=True):
+        rows = t[t.reward == reward]
+        drawn = False
+        for i, group in enumerate(rows[rows.train_steps > 0].itertuples()):
+            for k, run in enumerate(_members(frame, group).itertuples()):
+                hist = client.get_metric_history(run.run_id, LEARNING_CURVE_METRIC)
+                if not hist or not np.isfinite(group.optimum_gain):
                     continue
+                hist = sorted(hist, key=lambda h: h.step)
+                # J = -hours x mean reward, as the evaluation's (same year, same physics).
+                share = [
+                    100.0 * (group.baseline_objective + run.hours * h.value) / group.optimum_gain
+                    for h in hist
+                ]
                 ax.plot(
                     [h.step for h in hist],
-                    [h.value / 1e3 * HOURS_PER_YEAR / row.hours for h in hist],
+                    share,
                     ".-",
                     color=f"C{i % 10}",
                     alpha=0.8,
                     label=group.label if k == 0 else None,
                 )
-        base = t[t.agent == BASELINE].co2_mean
-        if len(base):
-            ax.axhline(float(base.iloc[0]), color="k", ls="--", lw=1, label=BASELINE)
-        best = t[t.agent == OPTIMUM].co2_mean
-        if len(best):
-            ax.axhline(float(best.min()), color="g", ls=":", lw=1, label=OPTIMUM)
+                drawn = True
+        for j, ctrl in enumerate(rows[rows.train_steps == 0].itertuples()):
+            if np.isfinite(ctrl.share_of_optimum_pct):
+                ax.axhline(
+                    ctrl.share_of_optimum_pct,
+                    color="k",
+                    ls=("--", ":", "-.")[j % 3],
+                    lw=1,
+                    alpha=0.7,
+                    label=f"{ctrl.agent} {ctrl.share_of_optimum_pct:.1f} %",
+                )
         ax.set(
             xlabel="training steps",
-            ylabel="CO2 [t/yr]",
-            title="Learning curves: deterministic evaluation during training (one line per seed)",
+            ylabel="share of the optimum's gain [%]",
+            title=f"{reward}: evaluation year during training",
         )
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
+        if not drawn:
             ax.text(
                 0.5,
                 0.5,
@@ -437,11 +473,11 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
                 ha="center",
                 transform=ax.transAxes,
             )
-        fig.tight_layout()
-        files.append(out / "learning_curves.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
-    return files
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def compare(

@@ -1,0 +1,211 @@
+"""The learner's levers (issue 15) on the tiny site: observation features, fleet actions,
+the reward baseline and normalization; hand-computed values, parity on both simulators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pvbess import config
+from pvbess.config import ConfigError, ObservationConfig, RewardConfig, RewardWeights
+from pvbess.control.controllers import Uncontrolled
+from pvbess.experiment import evaluation
+from pvbess.sim import features, fleet
+from pvbess.sim.env import SiteEnv, build_envs, levers_label, uncontrolled_rewards
+from pvbess.site import forecast
+
+ALL_ON = ObservationConfig(
+    time=True, tariff=True, forecast="noisy", peak=True, fleet=True, sockets=False
+)
+
+
+def _reward() -> RewardConfig:
+    return RewardConfig(name="balanced", weights=RewardWeights())
+
+
+def test_needs_and_laxity_by_hand() -> None:
+    # 0.4 SOC missing of 10 kWh = 4 kWh; 3 steps left at 2 kWh/step -> laxity 3 - 2 = 1 h.
+    need, lax = fleet.needs(
+        np.array([[0.5, 0.9]]),
+        np.array([[10.0, 10.0]]),
+        np.array([0.9, 0.9]),
+        np.array([3, 1]),
+        step_kwh=2.0,
+    )
+    np.testing.assert_allclose(need, [[4.0, 0.0]])
+    np.testing.assert_allclose(lax, [[1.0, 1.0]])
+
+
+def test_allocate_least_laxity_first_within_each_class() -> None:
+    step = 2.0
+    need = np.array([[4.0, 1.0, 3.0, 5.0]])
+    lax = np.array([[5.0, 0.5, 2.0, 1.0]])
+    group = np.array([0, 0, 0, 1])
+    # Class 0: 3 sockets x 2 kWh x 0.5 = 3 kWh: least laxity first (socket 1 wants 1,
+    # socket 2 wants 2) -> 1, 2, 0. Class 1: intensity 1 -> one full step.
+    out = fleet.allocate(np.array([[0.5, 1.0]]), group, need, lax, step)
+    np.testing.assert_allclose(out * step, [[0.0, 1.0, 2.0, 2.0]])
+    # Intensity 1 gives every vehicle min(need, one step); 0 gives nothing.
+    full = fleet.allocate(np.array([[1.0, 1.0]]), group, need, lax, step)
+    np.testing.assert_allclose(full * step, np.minimum(need, step))
+    assert not fleet.allocate(np.zeros((1, 2)), group, need, lax, step).any()
+
+
+def test_aggregates_in_unit_range() -> None:
+    out = fleet.aggregates(np.array([[2.0, 4.0]]), np.array([[30.0, 6.0]]), 4, 12.0)
+    np.testing.assert_allclose(out, [[0.5, 0.5, 0.25]])
+    empty = fleet.aggregates(np.zeros((2, 0)), np.zeros((2, 0)), 4, 12.0)
+    np.testing.assert_allclose(empty, [[0.0, 0.0, 1.0]] * 2)
+
+
+def test_steps_to_change_and_persistence_by_hand() -> None:
+    price = np.array([1, 1, 2, 2, 2, 1])
+    np.testing.assert_array_equal(features.steps_to_change(price, 24), [2, 1, 3, 2, 1, 24])
+    # Lead 1 at step 30: the same hour a day earlier (step 7); lead 25: two days back.
+    np.testing.assert_array_equal(
+        forecast.persistence_source(30, np.array([0, 1, 25]), 100), [30, 7, 7]
+    )
+    # Before the first day, the first day's value at that hour.
+    assert forecast.persistence_source(0, np.array([1]), 100)[0] == 1
+    values = np.arange(10.0)
+    np.testing.assert_array_equal(forecast.table(values, [1, 3], "perfect")[8], [9.0, 9.0])
+    with pytest.raises(ValueError, match="unknown forecast"):
+        forecast.table(values, [1], "psychic")
+
+
+def test_noisy_forecast_error_grows_with_lead() -> None:
+    values = np.full(20_000, 100.0)
+    table = forecast.table(values, [1, 24], "noisy", noise_frac_at_24h=0.2, seed=3)
+    rel_std = (table / 100.0 - 1).std(axis=0)
+    # std 0.2 x sqrt(lead/24): 0.041 at 1 h, 0.2 at 24 h (sampling error < 3 %).
+    np.testing.assert_allclose(rel_std, [0.2 * np.sqrt(1 / 24), 0.2], rtol=0.03)
+    np.testing.assert_array_equal(
+        table, forecast.table(values, [1, 24], "noisy", noise_frac_at_24h=0.2, seed=3)
+    )
+
+
+def test_features_by_hand(tiny_dataset) -> None:
+    obs = ObservationConfig(time=True, tariff=True, forecast="perfect", forecast_leads_h=[1])
+    f = features.Features(obs, tiny_dataset, ["hour"])
+    table = dict(zip(f.names[1:], f.table.T, strict=True))
+    hours = tiny_dataset.index.hour
+    six = int(np.flatnonzero(hours == 6)[0])
+    assert table["hour_sin"][six] == pytest.approx(1.0)  # sin(2 pi 6/24) = 1 -> (1 + 1)/2
+    assert table["hour_cos"][six] == pytest.approx(0.5)
+    tariff = tiny_dataset.site.tariff
+    before_peak = int(np.flatnonzero(hours == tariff.peak_start_hour - 1)[0])
+    assert table["price_change_in_frac"][before_peak] == pytest.approx(1 / 24)
+    peak = tiny_dataset.series["price_per_kwh"].max()
+    assert table["price_frac"][before_peak + 1] == pytest.approx(1.0)
+    assert peak == pytest.approx(tariff.peak_price_per_kwh)
+    pv = tiny_dataset.series["pv_kwh"].to_numpy()
+    np.testing.assert_allclose(
+        table["pv_forecast_1h_frac"][: pv.size - 1], pv[1:] / tiny_dataset.site.pv.ac_kw, rtol=1e-6
+    )
+    assert f.table.shape == (len(tiny_dataset.index) + 1, 6 + 2 + 2)
+
+
+def test_all_levers_identical_on_both_simulators(tiny_dataset) -> None:
+    """Every feature and the fleet allocation run in the one step: CityLearn and the twin
+    give the same observations, rewards and history (exactly)."""
+    runs = {}
+    for backend in ("twin", "citylearn"):
+        env = SiteEnv(
+            tiny_dataset, _reward(), backend=backend, observations=ALL_ON, action_mode="fleet"
+        )
+        assert env.action_space.shape == (3,)  # battery + 2 vehicle classes
+        assert env.observation_space.shape == (9 + 22,)  # no sockets, 22 features
+        rng = np.random.default_rng(0)
+        obs, _ = env.reset(seed=3)
+        seen, rewards, done = [obs], [], False
+        while not done:
+            obs, r, done, _, _ = env.step(rng.uniform(env.action_space.low, 1.0))
+            seen.append(obs)
+            rewards.append(r)
+        runs[backend] = (np.array(seen), np.array(rewards), env.history())
+        assert np.all((runs[backend][0] >= 0) & (runs[backend][0] <= 1))
+    (o1, r1, h1), (o2, r2, h2) = runs["twin"], runs["citylearn"]
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(r1, r2)
+    assert h1.equals(h2)
+    assert h1["ev_unmet_kwh"].sum() == 0  # the safety layer stays underneath
+
+
+def test_fleet_at_full_intensity_is_the_uncontrolled_site(tiny_dataset) -> None:
+    unc = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    ref = evaluation.rollout(unc, Uncontrolled(unc), seed=0, progress=False)
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", action_mode="fleet")
+    full = np.array([0.0, 1.0, 1.0])
+    ts = evaluation.rollout(env, _Constant(full), seed=0, progress=False)
+    np.testing.assert_allclose(ts["ev_charging_kwh"], ref["ev_charging_kwh"], atol=1e-4)
+    np.testing.assert_allclose(ts["reward_total"], ref["reward_total"], atol=1e-7)
+
+
+def test_reward_baseline_leaves_the_objective_and_zeroes_the_reference(tiny_dataset) -> None:
+    base = uncontrolled_rewards(tiny_dataset, _reward())
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    env.core.set_reward_baseline(base)
+    controller = Uncontrolled(env)
+    obs, _ = env.reset(seed=tiny_dataset.site.seed)
+    rewards, done = [], False
+    while not done:
+        obs, r, done, _, _ = env.step(controller.predict(obs)[0])
+        rewards.append(r)
+    assert np.abs(rewards).max() == 0.0
+    np.testing.assert_allclose(env.core.returns[0], base.sum(), rtol=1e-12)
+    with pytest.raises(ValueError, match="baseline"):
+        env.core.set_reward_baseline(base[:-1])
+
+
+def test_build_envs_with_levers(tiny_dataset, tiny_cfg) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    envs = build_envs(
+        dataset=tiny_dataset,
+        reward=_reward(),
+        learns=True,
+        seed=0,
+        data_dir=tiny_cfg.paths.data_dir,
+        n_envs=2,
+        train_seeds=[1],
+        observations={"time": True, "fleet": True},
+        action_mode="fleet",
+        reward_baseline="uncontrolled",
+        normalize=True,
+        learning_curve=False,
+    )
+    assert isinstance(envs.train, VecNormalize)
+    assert envs.tags["env_levers"] == "obs=time+fleet act=fleet base=uncontrolled norm"
+    assert envs.train.observation_space == envs.evaluate.observation_space
+    assert envs.train.action_space.shape == (3,)
+    assert envs.train.venv.steps[0].reward_baseline.any()
+    assert not envs.evaluate.core.reward_baseline.any()
+
+
+def test_levers_label() -> None:
+    assert levers_label(ObservationConfig(), "per_socket", "none", False) == "default"
+    assert levers_label(ALL_ON, "fleet", "none", False) == (
+        "obs=time+tariff+peak+fleet+fc:noisy:1,3,6,12,24:0.2+-sockets act=fleet"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("env.action_mode=per_vehicle", "env.action_mode"),
+        ("env.reward_baseline=median", "env.reward_baseline"),
+        ("env.observations.forecast=psychic", "env.observations.forecast"),
+        ("env.observations.forecast_leads_h=[0,3]", "env.observations.forecast_leads_h"),
+    ],
+)
+def test_bad_lever_values_name_the_key(make_cfg, override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.validate(make_cfg("site=tiny", override))
+
+
+class _Constant:
+    def __init__(self, action: np.ndarray) -> None:
+        self.action = action
+
+    def predict(self, observation, deterministic: bool = True):
+        return self.action, None
