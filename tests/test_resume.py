@@ -23,7 +23,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pvbess.experiment import checkpoints
+from pvbess.experiment import checkpoints, resume
 
 from .conftest import ROOT, child_env, metric_steps, the_run
 
@@ -230,7 +230,7 @@ def test_resume_continues_the_same_run_to_total_timesteps(runs: Scenarios) -> No
     assert ppo.resumed.proc.returncode == 0, ppo.resumed.output()[-3000:]
     run = the_run(ppo.first.root)  # the same run, continued: there is no second one
     assert run.info.status == "FINISHED"
-    assert run.info.run_id == (ppo.first.run_dir / checkpoints.RUN_ID_FILE).read_text().strip()
+    assert run.info.run_id == (ppo.first.run_dir / resume.RUN_ID_FILE).read_text().strip()
     assert run.data.metrics["time/train_steps"] == 640
     assert run.data.tags["resumed_from_steps"] == str(ppo.last.steps)
     assert run.data.tags["resumed_policy_digest"] == runs.ppo_digest

@@ -86,7 +86,7 @@ def crashed_run_with_truncated_checkpoint(root: Path) -> None:
     import gymnasium as gym
     from stable_baselines3 import PPO
 
-    from pvbess.experiment import checkpoints, tracking
+    from pvbess.experiment import resume, tracking
 
     cfg = compose_cfg(["site=tiny", "agent=ppo"], root)
     out_dir = Path(cfg.paths.output_dir)
@@ -95,7 +95,7 @@ def crashed_run_with_truncated_checkpoint(root: Path) -> None:
     run = client.create_run(exp_id, tags={"output_dir": str(out_dir)})
     client.set_terminated(run.info.run_id, "KILLED")
     out_dir.mkdir(parents=True)
-    checkpoints.write_run_files(out_dir, run.info.run_id, cfg)
+    resume.write_run_files(out_dir, run.info.run_id, cfg)
     zip_path = out_dir / "checkpoints" / "ppo_128_steps.zip"
     zip_path.parent.mkdir()
     PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=64, device="cpu").save(zip_path)

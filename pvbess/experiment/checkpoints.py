@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill, and resuming from them.
+"""Checkpoints that survive a kill (resuming from them: ``resume``; signals: ``signals``).
 
 A checkpoint is taken where training is in a consistent state: at the start
 of a rollout (the last update done, no experience collected with the current
@@ -10,22 +10,17 @@ Training metrics buffered since the previous checkpoint are flushed to MLflow
 before the rename (see tracking.MetricBuffer).
 
 Ctrl-C and SIGTERM during training do not abort SB3 mid-update: they request a
-stop, the next step saves a checkpoint and ends ``learn``; a second signal
-quits at once without saving.
+stop (``signals.graceful_stop``), the next step saves a checkpoint and ends ``learn``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import signal
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,37 +28,26 @@ from typing import Any
 import mlflow
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
+from pvbess.experiment.signals import StopRequest
 from pvbess.experiment.tracking import MetricBuffer
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "mlflow_run_id"
-RESOLVED_CONFIG = "resolved_config.yaml"
-LOCK_FILE = ".train.lock"
 # Extra member in the model zip (SB3's loader reads only 'data' and '*.pth'):
 # the values SB3's logger recorded since its last dump, e.g. the last update's
 # train/* losses, which it writes only at the next dump.
 LOGGER_MEMBER = "pvbess_logger_state.json"
 # What every SB3 model zip holds: the pickled attributes and the policy's weights.
 SB3_MEMBERS = frozenset({"data", "policy.pth"})
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or run directory cannot be used; the message says which file and why."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped on a signal after saving a checkpoint."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -72,55 +56,6 @@ class Checkpoint:
     model_path: Path
     replay_buffer_path: Path | None
     vecnormalize_path: Path | None
-
-
-@dataclass
-class StopRequest:
-    """Set by a signal handler; the checkpoint callback acts on it at the next step."""
-
-    signum: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
-@contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
-    """Within the block, the first SIGINT/SIGTERM only requests a stop; a second one quits."""
-    stop = StopRequest()
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.requested:
-            log.warning("second signal: quitting without a checkpoint")
-            raise Interrupted(signum)
-        stop.signum = signum
-        log.warning(
-            "%s received: saving a checkpoint and stopping (send it again to quit at once)",
-            signal.Signals(signum).name,
-        )
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises Interrupted, a KeyboardInterrupt (so a run is
-    marked KILLED); ``graceful_stop`` takes over while training."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class AtomicCheckpointCallback(BaseCallback):
@@ -153,7 +88,7 @@ class AtomicCheckpointCallback(BaseCallback):
     def _on_training_start(self) -> None:
         self.save_path.mkdir(parents=True, exist_ok=True)
         # Leftovers of a kill while writing; never read, but they would pile up.
-        for stale in self.save_path.glob(f"{_TMP_PREFIX}*"):
+        for stale in self.save_path.glob(f"{TMP_PREFIX}*"):
             stale.unlink(missing_ok=True)
         self._rollout_start_steps = self.num_timesteps
         self._next_save = (self.num_timesteps // self.save_freq + 1) * self.save_freq
@@ -210,7 +145,7 @@ class AtomicCheckpointCallback(BaseCallback):
         vec_normalize = model.get_vec_normalize_env()
         if vec_normalize is not None:
             final["vecnormalize"] = d / f"{prefix}_vecnormalize_{steps}_steps.pkl"
-        tmp = {k: p.with_name(f"{_TMP_PREFIX}{p.name}") for k, p in final.items()}
+        tmp = {k: p.with_name(f"{TMP_PREFIX}{p.name}") for k, p in final.items()}
         # Keep the real extension last: SB3 appends '.zip' to a path without it.
         model.save(str(tmp["model"]))
         with zipfile.ZipFile(tmp["model"], "a") as z:
@@ -344,107 +279,3 @@ def policy_digest(model: Any) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().to(torch.float64).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-@contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run directory while training it.
-
-    The kernel drops the lock when the process dies, even on kill -9, so a
-    resume can tell a crashed run from one that another process still trains.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise CheckpointError(
-                f"run directory {out_dir} is in use by another training process; wait for it "
-                "or stop it before resuming"
-            ) from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@dataclass
-class ResumeTarget:
-    cfg: DictConfig  # the original run's resolved config
-    run_id: str
-    status: str  # the run's MLflow status when found: RUNNING after a kill -9
-    finished_kpis: dict[str, float] | None  # set when the run already finished
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_run_files(out_dir: Path, run_id: str, cfg: DictConfig) -> None:
-    """What a later ``resume=<this dir>`` needs: the run id and the resolved config."""
-    _write_atomic(out_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-    _write_atomic(out_dir / RUN_ID_FILE, run_id + "\n")
-
-
-def _saved_config(out_dir: Path, value: str) -> DictConfig:
-    from pvbess import config
-
-    saved = out_dir / RESOLVED_CONFIG
-    if not saved.is_file():
-        raise CheckpointError(
-            f"resume={value}: {saved} is missing; cannot rebuild the run's config"
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), OmegaConf.load(saved))
-    assert isinstance(merged, DictConfig)
-    return merged
-
-
-def resume_target(value: str, cfg: DictConfig) -> ResumeTarget:
-    """Find the run to continue from a run directory or an MLflow run id.
-
-    A run directory carries its own store: its saved config's ``tracking.uri``
-    (or the project store it was written to) is used unless ``cfg`` sets one.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from pvbess.experiment import tracking
-
-    path = Path(value).expanduser()
-    saved: DictConfig | None = None
-    if path.is_dir():
-        id_file = path / RUN_ID_FILE
-        if not id_file.is_file():
-            raise CheckpointError(
-                f"resume={value}: not a pvbess run directory (no {RUN_ID_FILE}; the run "
-                "directory is the one with checkpoints/ under experiments/)"
-            )
-        run_id = id_file.read_text().strip()
-        saved = _saved_config(path, value)
-        if cfg.tracking.uri:  # the store moved: the run continues where it is found
-            saved.tracking.uri = cfg.tracking.uri
-        uri = saved.tracking.uri
-        root = saved.paths.root_dir
-    elif os.sep in value or value.startswith("."):
-        raise CheckpointError(f"resume={value}: no such run directory")
-    else:
-        run_id, uri, root = value, cfg.tracking.uri, cfg.paths.root_dir
-    tracking_uri = uri or tracking.store_uri(root)
-    if tracking_uri.startswith(("http://", "https://")):
-        tracking.check_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        run = MlflowClient().get_run(run_id)
-    except MlflowException as exc:
-        raise CheckpointError(
-            f"resume={value}: no run {run_id} in {tracking_uri} (give a run id or a "
-            "run directory under experiments/)"
-        ) from exc
-    if saved is None:
-        saved = _saved_config(Path(run.data.tags.get("output_dir", "")), value)
-    finished = None
-    if run.info.status == "FINISHED":
-        finished = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-    return ResumeTarget(cfg=saved, run_id=run_id, status=run.info.status, finished_kpis=finished)

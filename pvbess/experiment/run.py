@@ -37,9 +37,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run (or resume) one experiment; return the evaluation KPIs."""
     run_id = None
     if cfg.get("resume"):
-        from pvbess.experiment import checkpoints
+        from pvbess.experiment import resume
 
-        target = checkpoints.resume_target(str(cfg.resume), cfg)
+        target = resume.resume_target(str(cfg.resume), cfg)
         if target.finished_kpis is not None:
             log.info("run %s is FINISHED: nothing to resume", target.run_id)
             return target.finished_kpis
@@ -56,12 +56,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from pvbess.site import dataset
 
     site_data = dataset.build(typed.site, cfg.paths.data_dir)
-    from pvbess.experiment import checkpoints, tracking
+    from pvbess.experiment import resume, signals, tracking
 
     out_dir = Path(cfg.paths.output_dir)
     with (
-        checkpoints.sigterm_as_interrupt(),
-        checkpoints.run_lock(out_dir),
+        signals.sigterm_as_interrupt(),
+        resume.run_lock(out_dir),
         tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
     ):
         return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
@@ -78,13 +78,13 @@ def run_experiment(
     import mlflow
     from hydra.utils import get_class, instantiate
 
-    from pvbess.experiment import checkpoints, checks, evaluation, tracking
+    from pvbess.experiment import checks, evaluation, resume, tracking
 
     name = agent_name(cfg)
     out_dir = Path(cfg.paths.output_dir)
     log.info("MLflow run %s (%s) in %s", run_id, name, mlflow.get_tracking_uri())
     if not resuming:
-        checkpoints.write_run_files(out_dir, run_id, cfg)
+        resume.write_run_files(out_dir, run_id, cfg)
         tracking.log_config(cfg)
         mlflow.log_artifacts(str(site_data.root / "report"), artifact_path="site")
     learns = getattr(get_class(cfg.agent["_target_"]), "learns", True)
@@ -185,7 +185,7 @@ def learn(
     a signal saves a checkpoint and stops."""
     from stable_baselines3.common.callbacks import CallbackList
 
-    from pvbess.experiment import checkpoints, evaluation, tracking
+    from pvbess.experiment import checkpoints, evaluation, signals, tracking
 
     remaining = cfg.total_timesteps - model.num_timesteps
     if remaining <= 0:
@@ -199,7 +199,7 @@ def learn(
     extra = []
     if cfg.eval_every > 0 and curve_env is not None:
         extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
-    with checkpoints.graceful_stop() as stop:
+    with signals.graceful_stop() as stop:
         saver = checkpoints.AtomicCheckpointCallback(
             buffer=buffer,
             save_freq=cfg.checkpoint_every,
@@ -222,7 +222,7 @@ def learn(
             signal.Signals(stop.signum).name,
             "none" if last is None else f"{last.model_path} ({last.steps} steps)",
         )
-        raise checkpoints.Interrupted(stop.signum)
+        raise signals.Interrupted(stop.signum)
     buffer.flush()
 
 

@@ -46,11 +46,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException
+from mlflow.tracking import MlflowClient
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.distributions import CategoricalDistribution as Categorical
@@ -58,7 +60,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from pvbess import config
-from pvbess.experiment import sweep, tracking
+from pvbess.experiment import signals, sweep, tracking
 
 log = logging.getLogger("pvbess.tune")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -124,21 +126,19 @@ class Dimension:
     def name(self) -> str:
         return self.key.lstrip("+")
 
-    @property
-    def low(self) -> Any:
-        d = self.distribution
-        return d.choices[0] if isinstance(d, Categorical) else d.low
-
     def value(self, sampled: Any) -> Any:
         return self.values.get(sampled, sampled)
 
     def override(self, sampled: Any) -> str:
         return f"{self.key}={format_value(self.value(sampled))}"
 
-    def suggest(self, trial: optuna.Trial) -> Any:
+    def suggest(self, trial: optuna.Trial | None) -> Any:
+        """The trial's value; without a trial, the low end (a value to check the config)."""
         d = self.distribution
         if isinstance(d, Categorical):
-            return trial.suggest_categorical(self.name, d.choices)
+            return trial.suggest_categorical(self.name, d.choices) if trial else d.choices[0]
+        if trial is None:
+            return d.low
         suggest = trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float
         return suggest(self.name, d.low, d.high, step=d.step, log=d.log)
 
@@ -181,37 +181,29 @@ class Plan:
     cfg: DictConfig  # the composed config of the trials, without the searched values
     root: Path
     study_dir: Path  # <root>/multirun/<date>/<time>_<name>
+    stamp: str  # <date>_<time> of the start
     argv: list[str]
 
     @property
     def preset_name(self) -> str | None:
-        return (
-            None if self.search.preset == "" else self.search.preset or f"{self.search.agent}_tuned"
-        )
-
-    @property
-    def stamp(self) -> str:  # <date>_<time> of the start
-        return f"{self.study_dir.parent.name}_{self.study_dir.name.split('_')[0]}"
+        preset = self.search.preset
+        return None if preset == "" else preset or f"{self.search.agent}_tuned"
 
     def space(self) -> dict[str, str]:
         return {d.key: d.spec for d in self.dimensions.values()}
 
 
-def load_search(name: str, tune_overrides: list[str]) -> SearchConfig:
-    if not name:
-        known = sorted(p.stem for p in (CONF_DIR / SEARCH_GROUP).glob("*.yaml"))
-        raise TuneError(f"name the search: {SEARCH_GROUP}=<{'|'.join(known)}>")
+def load_search(name: str, overrides: list[str]) -> SearchConfig:
+    """The search file merged onto its schema, then the ``tune.*`` overrides; checked."""
     path = CONF_DIR / SEARCH_GROUP / f"{name}.yaml"
+    if not name:
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise TuneError(f"name the search: {SEARCH_GROUP}=<{'|'.join(known)}>")
     if not path.is_file():
         raise TuneError(f"{SEARCH_GROUP}={name}: no such file {path}")
     try:
-        search = OmegaConf.to_object(
-            OmegaConf.merge(
-                OmegaConf.structured(SearchConfig),
-                OmegaConf.load(path),
-                OmegaConf.from_dotlist(tune_overrides),
-            )
-        )
+        dotlist = OmegaConf.from_dotlist(overrides)
+        search = OmegaConf.to_object(OmegaConf.merge(SearchConfig, OmegaConf.load(path), dotlist))
     except OmegaConfBaseException as exc:  # omegaconf's errors name the key
         raise TuneError(f"{path.name} / tune.*: {exc}") from exc
     assert isinstance(search, SearchConfig)
@@ -225,9 +217,8 @@ def load_search(name: str, tune_overrides: list[str]) -> SearchConfig:
 def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
     """Parse and check everything: the search file, the overrides, one trial's config."""
     config.register()
-    name = next(
-        (a.split("=", 1)[1] for a in reversed(argv) if a.startswith(f"{SEARCH_GROUP}=")), ""
-    )
+    names = [a.split("=", 1)[1] for a in argv if a.startswith(f"{SEARCH_GROUP}=")]
+    name = names[-1] if names else ""
     search = load_search(name, [a.removeprefix("tune.") for a in argv if a.startswith("tune.")])
     rest = [a for a in argv if not a.startswith(("tune.", f"{SEARCH_GROUP}="))]
     parser = OverridesParser.create()
@@ -255,16 +246,17 @@ def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
     if not dims:
         raise TuneError("nothing to search: the search space is empty")
     root, now = Path(config.project_root()), now or datetime.now()
+    stamp = f"{now:%Y-%m-%d_%H-%M-%S}"
     study_dir = root / "multirun" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{name}"
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", [*fixed, f"paths.output_dir={format_value(str(study_dir))}"])
             # One trial's config, at the low end of every dimension: keys exist, values check.
-            low = [d.override(d.low) for d in dims.values()]
+            low = [d.override(d.suggest(None)) for d in dims.values()]
             config.validate(compose("train", [*fixed, *low, "paths.output_dir=/nonexistent"]))
     except (HydraException, OmegaConfBaseException, config.ConfigError) as exc:
         raise TuneError(f"the trials' config does not compose: {exc}") from exc
-    return Plan(name, search, dims, fixed, cfg, root, study_dir, list(argv))
+    return Plan(name, search, dims, fixed, cfg, root, study_dir, stamp, list(argv))
 
 
 class Trials:
@@ -273,37 +265,36 @@ class Trials:
     def __init__(self, plan: Plan, parent_id: str) -> None:
         self.plan, self.parent_id, self.finished = plan, parent_id, 0
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.signals: list[int] = []  # the stop signals received
-        self.stopper: threading.Thread | None = None
+        self.stopper: threading.Thread | None = None  # started by the first stop signal
         self.lock = threading.Lock()
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             return self.run(trial)
         except TrialFailed as exc:
-            if not self.signals:  # a stopped trial is no news
+            if self.stopper is None:  # a stopped trial is no news
                 log.warning("trial %d failed: %s", trial.number, exc)
             raise
 
     def run(self, trial: optuna.Trial) -> float:
         plan, n, c = self.plan, trial.number, self.plan.cfg
-        trial_dir = plan.study_dir / f"{n}_{plan.search.agent}-{c.reward.name}-s{c.seed}"
+        name = f"{plan.search.agent}-{c.reward.name}-s{c.seed}"
+        trial_dir = plan.study_dir / f"{n}_{name}"
+        stdout = trial_dir / "stdout.log"
         overrides = [d.override(d.suggest(trial)) for d in plan.dimensions.values()]
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("trial_dir", str(trial_dir))
         log.info("trial %d: %s", n, " ".join(overrides))
-        run_name = f"{plan.search.agent}-{c.reward.name}-s{c.seed}-t{n}"
         command = [sys.executable, "-m", "pvbess.train", *plan.fixed, *overrides]
         command += [f"hydra.run.dir={format_value(str(trial_dir))}"]
-        command += [f"tracking.run_name={format_value(run_name)}"]
+        command += [f"tracking.run_name={format_value(f'{name}-t{n}')}"]
         env = dict(os.environ, **{tracking.PARENT_ENV: self.parent_id, tracking.JOB_ENV: str(n)})
         if plan.search.n_jobs > 1:  # as joblib does: share the cores, no oversubscription
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env.setdefault(var, str(max(1, (os.cpu_count() or 1) // plan.search.n_jobs)))
         trial_dir.mkdir(parents=True, exist_ok=True)
-        stdout = trial_dir / "stdout.log"
         with stdout.open("wb") as out, self.lock:  # no trial starts once a stop began
-            if self.signals:
+            if self.stopper:
                 raise TrialFailed("not started: the search is stopping")
             proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
             self.procs.append(proc)
@@ -325,27 +316,17 @@ class Trials:
         """Optuna's callback after each trial: the parent's trial/ and best/ curves, progress."""
         if trial.state != TrialState.COMPLETE:
             return
-        from mlflow.tracking import MlflowClient
-
         key, best, client = self.plan.search.objective, study.best_trial, MlflowClient()
         with self.lock:  # step of best/: trials finished so far, so its last value is the best
             self.finished += 1
             client.log_metric(self.parent_id, f"trial/{key}", trial.value, step=trial.number)
             client.log_metric(self.parent_id, f"best/{key}", best.value, step=self.finished)
         seconds = trial.duration.total_seconds() if trial.duration else math.nan
-        log.info(
-            "trial %d: %s = %.6g in %.0f s (best %.6g, trial %d)",
-            trial.number,
-            key,
-            trial.value,
-            seconds,
-            best.value,
-            best.number,
-        )
+        msg = "trial %d: %s = %.6g in %.0f s (best %.6g, trial %d)"
+        log.info(msg, trial.number, key, trial.value, seconds, best.value, best.number)
 
     def on_signal(self, signum: int, frame: object) -> None:
         """SIGINT or SIGTERM: stop the trials (in a thread) and raise KeyboardInterrupt, once."""
-        self.signals.append(signum)
         if self.stopper is None:
             self.stopper = threading.Thread(target=self.stop, args=(signum,), daemon=True)
             self.stopper.start()
@@ -372,8 +353,8 @@ class Trials:
 def open_study(plan: Plan, storage: str) -> optuna.Study:
     """A new study, or the named one if it exists and searches the same way."""
     s = plan.search
-    sampler = optuna.samplers.TPESampler(**vars(s.sampler), constant_liar=s.n_jobs > 1)
     name = s.study_name or f"{plan.name}-{plan.cfg.site.name}-{plan.stamp}"
+    sampler = optuna.samplers.TPESampler(**vars(s.sampler), constant_liar=s.n_jobs > 1)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -397,50 +378,35 @@ def open_study(plan: Plan, storage: str) -> optuna.Study:
 
 def run(plan: Plan) -> int:
     """Run the search; 0 when at least one trial finished, 1 when none did, 130 on a stop."""
-    plan.study_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(plan.study_dir / "tune.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s"))
-    logging.getLogger().addHandler(handler)
-    storage = plan.search.storage or f"sqlite:///{plan.root / 'mlruns' / 'optuna.db'}"
     (plan.root / "mlruns").mkdir(parents=True, exist_ok=True)
+    s = plan.search
+    storage = s.storage or f"sqlite:///{plan.root / 'mlruns' / 'optuna.db'}"
     study = open_study(plan, storage)
     parent_id, exp_id = start_parent(plan, study, storage)
+    msg = "study %r (%s, %d trials so far) in %s; MLflow parent run %s; trials in %s"
     log.info(
-        "study %r (%s, %d trials so far) in %s; MLflow parent run %s; trials in %s",
-        study.study_name,
-        plan.search.direction,
-        len(study.trials),
-        storage,
-        parent_id,
-        plan.study_dir,
+        msg, study.study_name, s.direction, len(study.trials), storage, parent_id, plan.study_dir
     )
     trials, status, code = Trials(plan, parent_id), "FAILED", 1
-    previous = {s: signal.signal(s, trials.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        s = plan.search
-        study.optimize(
-            trials, s.n_trials, n_jobs=s.n_jobs, catch=(TrialFailed,), callbacks=[trials.report]
-        )
-        if trials.finished:
-            finish(plan, study, parent_id, exp_id)
-            status, code = "FINISHED", 0
-        else:
-            log.error("no trial finished: see the trials' stdout.log under %s", plan.study_dir)
-    except KeyboardInterrupt:
-        if trials.stopper:
-            trials.stopper.join()  # the trials' processes have ended
-        status, code = "KILLED", 130
-    except Exception as exc:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().set_tag(parent_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-        raise
-    finally:
-        for sig, previous_handler in previous.items():
-            signal.signal(sig, previous_handler)
-        sweep.end_parent(parent_id, [exp_id], status=status)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    with signals.handling(trials.on_signal):  # until the end: a second signal is ignored
+        try:
+            study.optimize(
+                trials, s.n_trials, n_jobs=s.n_jobs, catch=TrialFailed, callbacks=[trials.report]
+            )
+            if trials.finished:
+                finish(plan, study, parent_id, exp_id)
+                status, code = "FINISHED", 0
+            else:
+                log.error("no trial finished: see the trials' stdout.log under %s", plan.study_dir)
+        except KeyboardInterrupt:
+            if trials.stopper:
+                trials.stopper.join()  # the trials' processes have ended
+            status, code = "KILLED", 130
+        except Exception as exc:
+            MlflowClient().set_tag(parent_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+        finally:
+            sweep.end_parent(parent_id, [exp_id], status=status)
     return code
 
 
@@ -474,29 +440,25 @@ def start_parent(plan: Plan, study: optuna.Study, storage: str) -> tuple[str, st
 
 def finish(plan: Plan, study: optuna.Study, parent_id: str, exp_id: str) -> None:
     """Best trial -> parent params/tags/artifacts, results file, trials.csv, agent preset."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    best, dims, client = study.best_trial, plan.dimensions, MlflowClient()
+    best, dims, client, s = study.best_trial, plan.dimensions, MlflowClient(), plan.search
     values = {k: dims[k].value(v) for k, v in best.params.items() if k in dims}
     runs = sweep.children(parent_id, [exp_id])
-    best_run = next(
-        (r.info.run_id for r in runs if r.data.tags.get(tracking.JOB_TAG) == str(best.number)), None
-    )
-    states = [t.state for t in study.trials]
-    results = dict(
-        study=study.study_name,
-        objective=plan.search.objective,
-        direction=plan.search.direction,
-        best_value=best.value,
-        best_trial=best.number,
-        best_run_id=best_run,
-        best_params=values,
-        best_overrides=best.user_attrs.get("overrides", []),
-        fixed_overrides=plan.fixed,
-        trials_complete=states.count(TrialState.COMPLETE),
-        trials_failed=states.count(TrialState.FAIL),
-    )
+    run_of_job = {r.data.tags.get(tracking.JOB_TAG): r.info.run_id for r in runs}
+    best_run, states = run_of_job.get(str(best.number)), [t.state for t in study.trials]
+    overrides = best.user_attrs.get("overrides", [])
+    results = {
+        "study": study.study_name,
+        "objective": s.objective,
+        "direction": s.direction,
+        "best_value": best.value,
+        "best_trial": best.number,
+        "best_run_id": best_run,
+        "best_params": values,
+        "best_overrides": overrides,
+        "fixed_overrides": plan.fixed,
+        "trials_complete": states.count(TrialState.COMPLETE),
+        "trials_failed": states.count(TrialState.FAIL),
+    }
     (plan.study_dir / "optimization_results.yaml").write_text(OmegaConf.to_yaml(results))
     study.trials_dataframe().to_csv(plan.study_dir / "trials.csv", index=False)
     sweep.log_params(parent_id, {f"best.{k}": format_value(v) for k, v in values.items()})
@@ -512,38 +474,24 @@ def finish(plan: Plan, study: optuna.Study, parent_id: str, exp_id: str) -> None
         if plan.root != CONF_DIR.parent:  # the preset is outside this checkout's conf/
             use += f" 'hydra.searchpath=[file://{plan.root / 'conf'}]'"
         log.info("best parameters written to %s: use %s", preset, use)
-    log.info(
-        "best trial %d: %s = %.6g, %s (MLflow run %s, tracking %s)",
-        best.number,
-        plan.search.objective,
-        best.value,
-        " ".join(results["best_overrides"]),
-        best_run,
-        mlflow.get_tracking_uri(),
-    )
+    msg = "best trial %d: %s = %.6g, %s (MLflow run %s, tracking %s)"
+    uri, line = mlflow.get_tracking_uri(), " ".join(overrides)
+    log.info(msg, best.number, s.objective, best.value, line, best_run, uri)
 
 
-def write_preset(plan: Plan, values: dict[str, Any], r: dict[str, Any]) -> Path:
-    """``<root>/conf/agent/<preset>.yaml``: the agent's preset plus the best agent.* values."""
+def write_preset(plan: Plan, values: dict[str, Any], results: dict[str, Any]) -> Path:
+    """``<root>/conf/agent/<preset>.yaml``: the agent's preset plus the best agent.* values,
+    under the search's results as comments."""
     node = OmegaConf.create({"defaults": [plan.search.agent, "_self_"]})
     for key, value in sorted(values.items()):
         if key.startswith("agent."):
             OmegaConf.update(node, key.removeprefix("agent."), value, force_add=True)
-    others = " ".join(
-        f"{k}={format_value(v)}" for k, v in sorted(values.items()) if not k.startswith("agent.")
-    )
-    header = [
-        f"# Written by pvbess.tune: the best of study {r['study']!r}",
-        f"# ({r['trials_complete']} trials finished), trial {r['best_trial']}: "
-        f"{r['objective']} = {r['best_value']:.6g} ({r['direction']}).",
-        f"# MLflow run {r['best_run_id']}. The trials ran with: {' '.join(plan.fixed)}",
-    ]
-    if others:
-        header.append(f"# Searched outside agent.* (not part of this preset): {others}")
+    notes = "Written by pvbess.tune; only the agent.* values below are part of this preset.\n"
+    notes += OmegaConf.to_yaml(results)
     path = plan.root / "conf" / "agent" / f"{plan.preset_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("\n".join(header) + "\n" + OmegaConf.to_yaml(node))
+    tmp.write_text("".join(f"# {line}\n" for line in notes.splitlines()) + OmegaConf.to_yaml(node))
     os.replace(tmp, path)
     return path
 
@@ -553,13 +501,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if {"-h", "--help"} & set(args):
         print(__doc__)
         return 0
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
-    )
     # Trials are reported here; Optuna's own warning for a failed one adds a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        return run(make_plan(args))
+        plan = make_plan(args)
+        plan.study_dir.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.StreamHandler(), logging.FileHandler(plan.study_dir / "tune.log")]
+        fmt = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+        logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers)
+        return run(plan)
     except TuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
