@@ -209,3 +209,49 @@ class _Constant:
 
     def predict(self, observation, deterministic: bool = True):
         return self.action, None
+
+
+def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tmp_path) -> None:
+    """The statistics a normalizing learner trained with are saved with its checkpoint and
+    restored into the resumed run's env (not restarted from scratch)."""
+    from stable_baselines3 import PPO
+
+    from pvbess.experiment import checkpoints
+
+    def envs():
+        return build_envs(
+            dataset=tiny_dataset,
+            reward=_reward(),
+            learns=True,
+            seed=0,
+            data_dir=tiny_cfg.paths.data_dir,
+            n_envs=2,
+            train_seeds=[1],
+            normalize=True,
+            learning_curve=False,
+        ).train
+
+    first = envs()
+    model = PPO("MlpPolicy", first, n_steps=64, batch_size=64, n_epochs=1, seed=0)
+    model.learn(256)
+    model.save(tmp_path / "ppo_256_steps.zip")
+    first.save(str(tmp_path / "ppo_vecnormalize_256_steps.pkl"))
+    ckpt = checkpoints.Checkpoint(
+        256, tmp_path / "ppo_256_steps.zip", None, tmp_path / "ppo_vecnormalize_256_steps.pkl"
+    )
+    second = envs()
+    assert not np.array_equal(second.obs_rms.mean, first.obs_rms.mean)
+    resumed = checkpoints.load("stable_baselines3.PPO", ckpt, second, "cpu")
+    assert resumed.get_vec_normalize_env() is second
+    np.testing.assert_array_equal(second.obs_rms.mean, first.obs_rms.mean)
+    np.testing.assert_array_equal(second.ret_rms.var, first.ret_rms.var)
+    # A checkpoint without them is refused: the statistics would restart from nothing.
+    bare = checkpoints.Checkpoint(256, tmp_path / "ppo_256_steps.zip", None, None)
+    with pytest.raises(checkpoints.CheckpointError, match="VecNormalize"):
+        checkpoints.load("stable_baselines3.PPO", bare, envs(), "cpu")
+    # Evaluation sees observations through the frozen statistics.
+    policy = evaluation.policy(resumed)
+    assert isinstance(policy, evaluation.Normalized)
+    count = second.obs_rms.count
+    policy.predict(np.zeros(second.observation_space.shape, dtype=np.float32))
+    assert second.obs_rms.count == count
