@@ -65,7 +65,9 @@ def test_plan_merges_the_search_file_and_the_command_line(tmp_path, monkeypatch)
             "tune.direction=minimize",
         ]
     )
-    assert plan.fixed == ["agent=ppo", *TINY]
+    # Trials are evaluated on the validation year, not the evaluation year (site.seed 0).
+    assert plan.fixed == ["agent=ppo", "site.seed=4", *TINY]
+    assert plan.cfg.site.seed == 4 and 4 not in plan.cfg.env.train_seeds
     assert plan.search.n_trials == 3 and plan.search.direction == "minimize"
     assert "agent.n_steps" not in plan.dimensions  # fixed on the command line
     assert plan.dimensions["agent.gamma"].distribution == CategoricalDistribution([0.9, 0.99])
@@ -74,11 +76,19 @@ def test_plan_merges_the_search_file_and_the_command_line(tmp_path, monkeypatch)
     assert plan.study_dir.parent.parent == tmp_path / "multirun"
 
 
+def test_the_validation_year_gives_way_to_an_explicit_site_seed(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    plan = tune.make_plan(["hparams_search=ppo_optuna", "site.seed=7"])
+    assert plan.fixed == ["agent=ppo", "site.seed=7"] and plan.cfg.site.seed == 7
+    plan = tune.make_plan(["hparams_search=ppo_optuna", "tune.validation_seed=null"])
+    assert plan.fixed == ["agent=ppo"]
+
+
 @pytest.mark.parametrize("agent", ["ppo", "sac", "a2c"])
 def test_every_search_file_plans(agent: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
     plan = tune.make_plan([f"hparams_search={agent}_optuna"])
-    assert plan.search.agent == agent and plan.fixed == [f"agent={agent}"]
+    assert plan.search.agent == agent and plan.fixed == [f"agent={agent}", "site.seed=4"]
     assert plan.search.objective == "reward_total_mean" and plan.search.direction == "maximize"
     assert len(plan.dimensions) >= 5
 
@@ -107,7 +117,12 @@ def test_a_study_continues_only_with_the_same_overrides(tmp_path, monkeypatch) -
     common = ["hparams_search=a2c_optuna", "tune.study_name=s", "site=tiny"]
     storage = f"sqlite:///{tmp_path}/optuna.db"
     first = tune.open_study(tune.make_plan([*common, "seed=1"]), storage)
-    assert first.user_attrs["fixed_overrides"] == ["agent=a2c", "site=tiny", "seed=1"]
+    assert first.user_attrs["fixed_overrides"] == [
+        "agent=a2c",
+        "site.seed=4",
+        "site=tiny",
+        "seed=1",
+    ]
     again = tune.open_study(tune.make_plan([*common, "seed=1"]), storage)
     assert again.study_name == "s"
     with pytest.raises(tune.TuneError, match="not comparable"):

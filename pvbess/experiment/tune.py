@@ -94,6 +94,10 @@ class SearchConfig:
     study_name: str | None = None  # None: <search>-<site>-<date>_<time>; an existing one continues
     storage: str | None = None  # None: sqlite:///<root>/mlruns/optuna.db
     preset: str | None = None  # None: <agent>_tuned; "": write none
+    # Trials are evaluated on this site seed's year, neither a training year nor the
+    # evaluation year (site.seed, 0): the search never sees the year results are shown on.
+    # None, or site.seed=<n> on the command line: the trials' own site.seed.
+    validation_seed: int | None = 4
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     params: dict[str, str] = field(default_factory=dict)
 
@@ -229,6 +233,8 @@ def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
     except HydraException as exc:  # the grammar's message names the override
         raise TuneError(str(exc)) from exc
     fixed = [f"agent={search.agent}"]
+    if search.validation_seed is not None and all(o.key_or_group != "site.seed" for o in overrides):
+        fixed.append(f"site.seed={search.validation_seed}")
     for o in overrides:
         if o.key_or_group in ("hydra.run.dir", "tracking.run_name"):
             raise TuneError(f"{o.input_line}: set by pvbess.tune for each trial")
