@@ -1,4 +1,5 @@
-"""Entry point: ``python -m pvbess.compare site=iquitos_mall [reward=...] [verify=true]``.
+"""Entry point: ``python -m pvbess.compare site=iquitos_mall [reward=...] [verify=true]
+[verify_jobs=N]``.
 
 Composes ``conf/compare.yaml`` and calls ``pvbess.experiment.compare``.
 """
@@ -35,7 +36,10 @@ def main(cfg: DictConfig) -> None:
         run_ids=run_ids,
     )  # type: ignore[arg-type]
     shown, notes = compare(
-        sel, Path(cfg.report_dir), verify_data_dir=cfg.paths.data_dir if cfg.verify else None
+        sel,
+        Path(cfg.report_dir),
+        verify_data_dir=cfg.paths.data_dir if cfg.verify else None,
+        verify_jobs=cfg.verify_jobs,
     )
     print_table(shown, notes)
     print(f"report: {cfg.report_dir}")

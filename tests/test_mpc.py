@@ -1,7 +1,10 @@
 """The rolling-horizon MPC on the tiny site: the optimum on a whole-period window, never
-better than it, equal service, forecasts, bad config, the entrypoint."""
+better than it, a window's first ramp from the import before it, equal service,
+forecasts, bad config, the entrypoint."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,6 +14,7 @@ from stable_baselines3.common.monitor import Monitor
 
 from pvbess import train
 from pvbess.config import ConfigError, RewardConfig
+from pvbess.control import exact, lp, optimal
 from pvbess.control.controllers import Optimal, Uncontrolled
 from pvbess.control.mpc import Mpc
 from pvbess.experiment import evaluation
@@ -68,6 +72,69 @@ def test_whole_period_window_reproduces_the_optimum(env, optimum, exact: bool) -
         (j_opt - m["mpc/lp_bound"]) / m["mpc/lp_bound"], abs=1e-7
     )
     _assert_every_vehicle_leaves_charged(ts)
+
+
+def test_first_ramp_is_from_the_initial_import(env) -> None:
+    p0 = optimal.Problem.from_dataset(env.dataset, env.weights, env.scales)
+    s0 = optimal.solve(p0).schedule
+    imp0 = float(s0.grid_import_kwh[0])
+    # The import before the period: X = 2 import_0 + 1 kWh, so the first ramp |import_0 - X|
+    # grows from import_0 (from 0) to import_0 + 1 kWh, at 0.5 x w_grid / max_import per kWh.
+    x = 2 * imp0 + 1.0
+    per_kwh = 0.5 * p0.weights.grid / p0.scales.max_import_kwh
+    assert per_kwh > 0
+    px = replace(p0, initial_import_kwh=x)
+    # The same actions, scored from X: only the first step's grid term changes.
+    sx = lp.schedule_from_actions(px, s0.bess_charge_kwh - s0.bess_discharge_kwh, s0.ev_grid_kwh)
+    assert sx.objective - s0.objective == pytest.approx(per_kwh * 1.0, rel=1e-9)
+    grid_w = p0.weights.grid
+    assert grid_w * (s0.components["grid"][0] - sx.components["grid"][0]) == pytest.approx(
+        per_kwh * 1.0, rel=1e-9
+    )
+    np.testing.assert_array_equal(sx.reward_total[1:], s0.reward_total[1:])
+    # The LP's first ramp row and the MILP's start point (``exact._start``) use X too: the
+    # schedule as the model's columns satisfies every row and costs its objective.
+    cells = lp._cells(px)
+    matrix, arrays, offset = lp._build(px, cells)
+    lay = lp._Layout(n_steps=px.n_steps, n_cells=len(cells.step), with_grid=True)
+    none = np.zeros(0, dtype=np.int64)
+    point = exact._start(px, cells, lay, sx, none, none)
+    activity = matrix @ point
+    assert np.all(activity >= arrays["row_lower"] - 1e-6)
+    assert np.all(activity <= arrays["row_upper"] + 1e-6)
+    assert float(arrays["cost"] @ point) + offset == pytest.approx(sx.objective, rel=1e-9)
+    # Solved from X, the LP is still exact: its bound is the realized schedule's objective,
+    # whose first ramp is from X.
+    sol = optimal.solve(px)
+    assert sol.objective == pytest.approx(sol.objective_bound, rel=1e-7)
+    assert sol.objective_bound != pytest.approx(optimal.solve(p0).objective_bound, rel=1e-7)
+    s = sol.schedule
+    ramp0 = abs(s.grid_import_kwh[0] - x)
+    over0 = max(s.grid_import_kwh[0] - p0.scales.peak_threshold_kwh, 0.0)
+    headroom = p0.scales.max_import_kwh - p0.scales.peak_threshold_kwh
+    assert s.components["grid"][0] == pytest.approx(
+        -0.5 * (over0 / headroom + ramp0 / p0.scales.max_import_kwh), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="initial_import_kwh"):
+        optimal.solve(replace(p0, initial_import_kwh=-1.0))
+
+
+def test_windows_start_from_the_import_the_env_realized(env) -> None:
+    c = Mpc(env, horizon_h=12, replan_every_h=6)
+    seen: list[tuple[int, float, float]] = []
+    window = c.window
+
+    def spy(t: int, stored_kwh: float, prev_import_kwh: float = 0.0):
+        w = window(t, stored_kwh, prev_import_kwh)
+        seen.append((t, prev_import_kwh, w.problem.initial_import_kwh))
+        return w
+
+    c.window = spy  # type: ignore[method-assign]
+    ts = _rollout(env, c)
+    imports = ts["grid_import_kwh"].to_numpy()
+    assert [t for t, _, _ in seen] == list(range(0, env.n_steps, 6))
+    for t, prev, initial in seen:
+        assert prev == initial == (imports[t - 1] if t > 0 else 0.0)
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,24 @@ def test_runs_on_the_twin_replay_identically_in_citylearn(store) -> None:
         assert tags[replay.REPLAY_TAG] == "identical" and checks.CHECK_TAG not in tags
 
 
+def test_runs_replay_in_parallel_as_in_sequence(store) -> None:
+    store_client(store)
+    data = str(store / "data" / "sites")
+    ids = [
+        next(r for r in store_runs(store) if r.data.tags["agent"] == a).info.run_id
+        for a in ("ppo", "rbc")
+    ]
+    sequential = replay.replay_runs(ids, data, jobs=1)
+    # Two spawned processes, each opening the store from the tracking URI it is given.
+    parallel = replay.replay_runs(ids, data, jobs=2)
+    assert [r.run_id for r in parallel] == ids
+    assert parallel == sequential and all(r.identical for r in parallel)
+    # A failing replay names its run; the others still run.
+    with pytest.raises(replay.ReplayError, match=r"2 of 2 replays") as failed:
+        replay.replay_runs(["no-such-run-1", "no-such-run-2"], data, jobs=2)
+    assert "run no-such-run-1:" in str(failed.value) and "run no-such-run-2:" in str(failed.value)
+
+
 def test_a_kpi_that_differs_fails_the_check(store) -> None:
     client = store_client(store)
     run = next(r for r in store_runs(store) if r.data.tags["agent"] == "rbc")

@@ -127,7 +127,7 @@ def _start(
     x[lay.ev : lay.ev + lay.n_cells] = s.ev_grid_kwh[cells.socket, cells.step]
     if lay.with_grid:
         imp = s.grid_import_kwh
-        ramp = np.diff(imp, prepend=0.0)
+        ramp = np.diff(imp, prepend=p.initial_import_kwh)
         x[lay.over : lay.over + n] = np.maximum(imp - p.scales.peak_threshold_kwh, 0.0)
         x[lay.rup : lay.rup + n] = np.maximum(ramp, 0.0)
         x[lay.rdn : lay.rdn + n] = np.maximum(-ramp, 0.0)

@@ -43,6 +43,9 @@ class Problem:
     scales: rw.RewardScales
     # Lowest stored energy at the end of the period [kWh]; None = free, like every controller.
     final_energy_kwh_min: float | None = None
+    # Grid import in the step before the first step [kWh]: the first step's ramp is
+    # |import_0 - this|. 0 at the episode's start (the env starts from 0 import).
+    initial_import_kwh: float = 0.0
 
     @property
     def n_steps(self) -> int:
@@ -312,6 +315,8 @@ def _unreachable_unmet_kwh(p: Problem, cells: _Cells) -> np.ndarray:
 
 def _build(p: Problem, cells: _Cells) -> tuple[sp.csc_matrix, dict[str, np.ndarray], float]:
     """Constraint matrix, bounds and costs (vectorised, no loop over steps or cells)."""
+    if not (np.isfinite(p.initial_import_kwh) and p.initial_import_kwh >= 0):
+        raise ValueError(f"initial_import_kwh must be finite and >= 0, got {p.initial_import_kwh}")
     n = p.n_steps
     w, sc = p.weights, p.scales
     with_grid = w.grid > 0
@@ -353,13 +358,16 @@ def _build(p: Problem, cells: _Cells) -> tuple[sp.csc_matrix, dict[str, np.ndarr
         # Import above the threshold: import - over <= threshold.
         add(n_rows + t, lay.imp + t, 1.0)
         add(n_rows + t, lay.over + t, -1.0)
-        # Ramp: import_t - import_{t-1} - up + down = 0 (the env starts from 0 import).
+        # Ramp: import_t - import_{t-1} - up + down = 0; import_{-1} is the problem's
+        # initial import, moved to the right-hand side of the first row.
         add(n_rows + n + t, lay.imp + t, 1.0)
         add(n_rows + n + t[1:], lay.imp + t[:-1], -1.0)
         add(n_rows + n + t, lay.rup + t, -1.0)
         add(n_rows + n + t, lay.rdn + t, 1.0)
-        row_lower = np.concatenate([row_lower, np.full(n, -np.inf), np.zeros(n)])
-        row_upper = np.concatenate([row_upper, np.full(n, sc.peak_threshold_kwh), np.zeros(n)])
+        ramp_rhs = np.zeros(n)
+        ramp_rhs[0] = p.initial_import_kwh
+        row_lower = np.concatenate([row_lower, np.full(n, -np.inf), ramp_rhs])
+        row_upper = np.concatenate([row_upper, np.full(n, sc.peak_threshold_kwh), ramp_rhs])
         n_rows += 2 * n
 
     if VALID_ROWS:
@@ -478,7 +486,7 @@ def schedule_from_actions(
     np.add.at(unmet, p.session_departure_step - 1, gap)
     co2 = grid_import * p.carbon_kg_per_kwh
     cost = grid_import * p.price_per_kwh
-    prev = np.concatenate([[0.0], grid_import[:-1]])
+    prev = np.concatenate([[p.initial_import_kwh], grid_import[:-1]])
     parts = rw.components(
         grid_import_kwh=grid_import,
         prev_grid_import_kwh=prev,

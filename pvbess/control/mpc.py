@@ -27,9 +27,9 @@ Forecast sessions sit on virtual sockets beyond the site's, one each, so they
 never collide with a plugged vehicle; each keeps a "home" (the site socket of the
 session it is, or is copied from). ``terminal=start`` keeps the stored energy at
 the window's end at least its start (else a window empties the battery); a window
-that reaches the end of the period ends free, like ``agent=optimal``. A window
-starting after the first step has the optimum's ramp from zero import taken out of
-its first step (``_without_ramp_from_zero``).
+that reaches the end of the period ends free, like ``agent=optimal``. A window's
+first ramp is from the import the env realized in the step before it
+(``Problem.initial_import_kwh``; 0 at the episode's start, as in the env).
 
 The first planned step becomes the action: battery = net grid-side energy /
 (power_kw x 1 h), each socket = its energy / socket energy per step; the plan's
@@ -112,32 +112,6 @@ class _Stats:
     abs_err: dict[str, float] = field(default_factory=_zeros)
     actual_sum: dict[str, float] = field(default_factory=_zeros)
     n_forecast: int = 0
-
-
-def _without_ramp_from_zero(p: optimal.Problem) -> optimal.Problem:
-    """The window's problem without the ramp from zero import into its first step.
-
-    ``optimal.Problem`` models the episode's start: the grid term's ramp charges the
-    first step's import |import_0 - 0| (0.5 x w_grid / max_import per kWh). A window
-    that starts later would see that as a premium on importing now, and discharge the
-    battery into every first step (10 % of the optimum's gain lost on iquitos_mall,
-    balanced). The term is linear there, so it is taken off the first step's price
-    (or carbon intensity, without a cost weight); the true ramp |import_0 - the last
-    import| is then left out: ``Problem`` has no field for the last import.
-    """
-    w, sc = p.weights, p.scales
-    premium = 0.5 * w.grid / sc.max_import_kwh  # per kWh imported in the first step
-    if premium <= 0:
-        return p
-    if w.cost > 0:
-        price = p.price_per_kwh.copy()
-        price[0] -= premium * max(sc.max_cost, 1e-9) / w.cost
-        return replace(p, price_per_kwh=price)
-    if w.co2 > 0:
-        carbon = p.carbon_kg_per_kwh.copy()
-        carbon[0] -= premium * sc.max_co2_kg / w.co2
-        return replace(p, carbon_kg_per_kwh=carbon)
-    return p
 
 
 @contextlib.contextmanager
@@ -304,8 +278,9 @@ class Mpc(Controller):
             f.energy_kwh *= np.maximum(1.0 + noise, 0.0)
         return f
 
-    def window(self, t: int, stored_kwh: float) -> Window:
-        """The optimum's problem over [t, t + horizon) as the controller sees it at step t."""
+    def window(self, t: int, stored_kwh: float, prev_import_kwh: float = 0.0) -> Window:
+        """The optimum's problem over [t, t + horizon) as the controller sees it at step t,
+        ``prev_import_kwh`` the grid import realized in step t - 1 [kWh]."""
         p = self.problem
         n_w = min(self.horizon, p.n_steps - t)
         end = t + n_w
@@ -337,9 +312,8 @@ class Mpc(Controller):
             session_departure_step=departure.astype(np.int64),
             session_energy_kwh=energy,
             final_energy_kwh_min=final,
+            initial_import_kwh=prev_import_kwh,
         )
-        if t > 0:
-            problem = _without_ramp_from_zero(problem)
         return Window(problem, sockets, departure[: sockets.size], f.home)
 
     def _score_forecast(self, t: int, n_w: int, f: Forecast) -> None:
@@ -382,7 +356,7 @@ class Mpc(Controller):
     def plan(self, t: int, observation: np.ndarray) -> None:
         """Solve the window starting at step t; keep its actions until the next replan."""
         started = time.perf_counter()
-        w = self.window(t, self.stored_kwh(observation))
+        w = self.window(t, self.stored_kwh(observation), self.env.last_grid_import_kwh)
         with _quiet(self._optimal_log):
             sol = optimal.solve(w.problem, **self.solve_options)
         s = sol.schedule

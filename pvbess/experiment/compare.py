@@ -481,13 +481,17 @@ def _learning_curves(
 
 
 def compare(
-    sel: Selection, out_dir: Path, verify_data_dir: str | None = None
+    sel: Selection,
+    out_dir: Path,
+    verify_data_dir: str | None = None,
+    verify_jobs: int | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Build the report for a selection; log it as a 'comparison' run; return the table.
 
     With ``verify_data_dir``, runs evaluated on the twin are first proven: one run of
-    each controller kind is replayed in CityLearn (``pvbess.experiment.replay``) and must give
-    identical KPIs; the notes say which.
+    each controller kind is replayed in CityLearn (``pvbess.experiment.replay``; up to
+    ``verify_jobs`` at once, None: one per core) and must give identical KPIs; the
+    notes say which.
     """
     client = MlflowClient()
     runs = select_runs(client, sel)
@@ -495,7 +499,7 @@ def compare(
     if verify_data_dir is not None:
         from pvbess.experiment import replay
 
-        replays = replay.verify_kinds(runs, verify_data_dir)
+        replays = replay.verify_kinds(runs, verify_data_dir, jobs=verify_jobs)
         runs = select_runs(client, sel)  # with the replays' tags
     frame = runs_frame(runs)
     t, notes = table(frame)

@@ -7,16 +7,26 @@ from the run's config), the same evaluation year, the same observation scaling.
 Every KPI must be equal to the last bit; the run gets the tag
 ``replayed_in_citylearn=identical|differs`` and the metric
 ``replay/kpi_max_abs_diff``, and a difference fails the ``twin_replay`` check.
+
+``verify_kinds`` replays several runs in parallel processes (from a fork server or
+spawned, never forked from the caller: each opens the MLflow store itself from the
+tracking URI it is given, and gets run ids and paths only); the results come back in
+the order the runs were picked.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import tempfile
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 from hydra.utils import get_class, instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf, open_dict
@@ -30,6 +40,10 @@ log = logging.getLogger(__name__)
 REPLAY_TAG = "replayed_in_citylearn"
 # KPIs only CityLearn has (its own totals and ratios): not part of the comparison.
 CITYLEARN_ONLY = ("citylearn_co2_kg", "co2_vs_citylearn_rel")
+
+
+class ReplayError(RuntimeError):
+    """A replay failed; the message names the run (and its error, with the traceback)."""
 
 
 @dataclass
@@ -102,22 +116,96 @@ def verify(run_id: str, data_dir: str) -> Replay:
     return replay
 
 
-def verify_kinds(runs: list, data_dir: str) -> dict[str, str]:
+def _init_worker(tracking_uri: str) -> None:
+    """A replay process: the parent's MLflow store; schemas; one torch thread (the
+    processes share the cores, and runs evaluate with ``device.torch_threads=1``)."""
+    import torch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    config.register()
+    torch.set_num_threads(1)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Fresh processes, never a fork of this one (its MLflow and SQLite state): a fork
+    server that has imported this module once (workers start without the ~4 s of
+    imports), else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _verify_or_say_which(run_id: str, data_dir: str) -> Replay:
+    """``verify``; an error becomes a ``ReplayError`` naming the run (plain text, so it
+    crosses a process boundary whatever the original exception was)."""
+    try:
+        return verify(run_id, data_dir)
+    except Exception as exc:
+        raise ReplayError(
+            f"run {run_id}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        ) from None
+
+
+def replay_runs(run_ids: list[str], data_dir: str, jobs: int | None = None) -> list[Replay]:
+    """``verify`` each run, in up to ``jobs`` processes (None: one per core); results in
+    the order of ``run_ids``. Every run is replayed even if one fails; then a
+    ``ReplayError`` names each failed run."""
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1 or None, got {jobs}")
+    workers = min(len(run_ids), jobs or os.cpu_count() or 1)
+    outcomes: list[Replay | ReplayError] = []
+    if workers <= 1:
+        for run_id in run_ids:
+            try:
+                outcomes.append(_verify_or_say_which(run_id, data_dir))
+            except ReplayError as exc:
+                outcomes.append(exc)
+    else:
+        log.info("replaying %d runs in %d processes", len(run_ids), workers)
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=_context(),
+            initializer=_init_worker,
+            initargs=(mlflow.get_tracking_uri(),),
+        ) as pool:
+            futures = [pool.submit(_verify_or_say_which, r, data_dir) for r in run_ids]
+            for run_id, future in zip(run_ids, futures, strict=True):
+                try:
+                    outcomes.append(future.result())
+                except ReplayError as exc:
+                    outcomes.append(exc)
+                except Exception as exc:  # the process died (e.g. out of memory)
+                    outcomes.append(ReplayError(f"run {run_id}: {type(exc).__name__}: {exc}"))
+    failed = [str(o) for o in outcomes if isinstance(o, ReplayError)]
+    if failed:
+        raise ReplayError(
+            f"{len(failed)} of {len(run_ids)} replays in CityLearn failed:\n" + "\n".join(failed)
+        )
+    return outcomes  # type: ignore[return-value]
+
+
+def verify_kinds(runs: list, data_dir: str, jobs: int | None = None) -> dict[str, str]:
     """Per controller kind (agent) evaluated on the twin: one run replayed in CityLearn
-    (reusing an earlier replay); {agent: 'identical (run <id>)' | 'differs (...)'}."""
+    (reusing an earlier replay); {agent: 'identical (run <id>)' | 'differs (...)'}.
+    The replays run in up to ``jobs`` processes (None: min(replays, cores))."""
     out: dict[str, str] = {}
+    todo: list[tuple[str, str]] = []  # (agent, run id) to replay
     for run in sorted(runs, key=lambda r: r.data.tags.get(REPLAY_TAG) is None):
         agent = run.data.tags.get("agent", "?")
         if run.data.tags.get("eval_backend") != "twin" or agent in out:
             continue
         status = run.data.tags.get(REPLAY_TAG)
+        out[agent] = "" if status is None else f"{status}, run {run.info.run_id}"
         if status is None:
             log.info("replaying %s (%s) in CityLearn", run.info.run_id, agent)
-            r = verify(run.info.run_id, data_dir)
-            status = "identical" if r.identical else f"differs in {', '.join(r.differing)}"
-            status += f" ({r.kpis_compared} KPIs)"
-        out[agent] = f"{status}, run {run.info.run_id}"
+            todo.append((agent, run.info.run_id))
+    replays = replay_runs([run_id for _, run_id in todo], data_dir, jobs)
+    for (agent, run_id), r in zip(todo, replays, strict=True):
+        status = "identical" if r.identical else f"differs in {', '.join(r.differing)}"
+        out[agent] = f"{status} ({r.kpis_compared} KPIs), run {run_id}"
     return out
 
 
-__all__ = ["Replay", "verify", "verify_kinds"]
+__all__ = ["Replay", "ReplayError", "replay_runs", "verify", "verify_kinds"]

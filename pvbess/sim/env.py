@@ -85,6 +85,12 @@ class SiteEnv(gym.Env):
         """The step the next action applies to."""
         return self.core.t
 
+    @property
+    def last_grid_import_kwh(self) -> float:
+        """The grid import of the last step taken (0 before the first) [kWh]: what the
+        reward's ramp term compares the next step's import with."""
+        return float(self.core.prev_import_kwh[0])
+
     def ev_soc_and_capacity(self, sockets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of this step and capacity [kWh] of the EV at each given socket."""
         soc, cap = self.backend.ev_soc_and_capacity(sockets)

@@ -263,6 +263,8 @@ class SiteStep:
             np.flatnonzero((state[:, t] == 1) & (sim.departure_steps[:, t] == 1)) for t in range(n)
         ]
         self.t = 0
+        # Each copy's grid import in the last step taken [kWh] (the ramp term's reference).
+        self.prev_import_kwh = np.zeros(self.n_envs)
         self.history_arrays: dict[str, np.ndarray] = {}
         self.components: dict[str, np.ndarray] = {}
         self.returns = np.zeros(self.n_envs)
@@ -337,7 +339,7 @@ class SiteStep:
         raw = self.sim.reset(seeds)
         n = self.n_envs
         self.t = 0
-        self._prev_import = np.zeros(n)
+        self.prev_import_kwh = np.zeros(n)
         self._peak_import = np.zeros(n)
         self.returns = np.zeros(n)
         self.component_sums = {k: np.zeros(n) for k in rw.COMPONENTS}
@@ -395,7 +397,7 @@ class SiteStep:
         unmet = gap.sum(axis=1)
         parts = rw.components(
             grid_import_kwh=flows["grid_import_kwh"],
-            prev_grid_import_kwh=self._prev_import,
+            prev_grid_import_kwh=self.prev_import_kwh,
             co2_kg=flows["co2_kg"],
             cost=flows["cost"],
             pv_curtailed_kwh=flows["pv_curtailed_kwh"],
@@ -403,8 +405,8 @@ class SiteStep:
             scales=self.scales,
         )
         total = rw.weighted_total(parts, self.weights)
-        self._prev_import = flows["grid_import_kwh"]
-        self._peak_import = np.maximum(self._peak_import, self._prev_import)
+        self.prev_import_kwh = flows["grid_import_kwh"]
+        self._peak_import = np.maximum(self._peak_import, self.prev_import_kwh)
         self.returns += total
         for k in rw.COMPONENTS:
             self.component_sums[k] += parts[k]
