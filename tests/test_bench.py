@@ -133,3 +133,19 @@ def test_study_dataset_and_run_on_tiny(tmp_path: Path) -> None:
     assert figures["reference_steps_per_s"] > 0
     assert all(r["seconds"] > 0 and r["x_ref"] > 0 for r in figures["rows"])
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["reports"]
+
+
+def test_time_to_share_on_tiny(tmp_path: Path) -> None:
+    """The default learner's time to a share of the optimum: a target it cannot reach
+    gives nan and its best share; a reachable one (below the uncontrolled site's 0 %)
+    stops at the first evaluation."""
+    from pvbess.experiment import speed
+
+    typed, agent = speed.compose("tiny", with_agent=True)
+    out = speed.time_to_share(typed, agent, str(tmp_path), target_pct=1e6, budget=2048, every=1024)
+    assert out["steps_to_target"] != out["steps_to_target"]  # nan: not reached
+    assert -1e4 < out["best_share_pct"] < 1e6 and out["best_steps"] in (1024, 2048)
+    easy = speed.time_to_share(
+        typed, agent, str(tmp_path), target_pct=-1e9, budget=4096, every=1024
+    )
+    assert easy["steps_to_target"] == 1024 and easy["seconds_to_target"] > 0

@@ -7,7 +7,10 @@
   over the copies);
 - PPO training steps/s end to end: through the pvbess env on CityLearn, on the
   twin, and on the twin's VecEnv;
-- peak memory of the process.
+- peak memory of the process;
+- the wall time the default learner (``python -m pvbess.train``'s agent and env
+  levers) takes to reach ``--share-target`` % of the optimum's gain on the held-out
+  year, or its best share within ``--share-budget`` steps (``--share-budget 0``: skip).
 
 ``--study`` times the README's commands instead (``pvbess.experiment.study``).
 """
@@ -44,6 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--n-envs", type=int, default=16, help="copies in the twin's VecEnv")
     parser.add_argument("--twin-ppo-steps", type=int, default=32768)
+    parser.add_argument("--share-target", type=float, default=90.0, metavar="PCT")
+    parser.add_argument(
+        "--share-budget",
+        type=int,
+        default=600_000,
+        metavar="STEPS",
+        help="training steps at most for the default learner to reach --share-target (0: skip)",
+    )
+    parser.add_argument("--share-every", type=int, default=50_000, metavar="STEPS")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.torch_threads)
 
-    typed = speed.compose(args.site)
+    typed, agent_cfg = speed.compose(args.site, with_agent=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ds = dataset.build(typed.site, tmp)
@@ -127,6 +139,25 @@ def main(argv: list[str] | None = None) -> None:
         ppo = speed.ppo_steps_per_s(ds, args.ppo_steps)
         ppo_twin = speed.ppo_steps_per_s(ds, args.ppo_steps, backend="twin")
         ppo_vec = speed.ppo_steps_per_s(ds, args.twin_ppo_steps, n_envs=args.n_envs)
+        share = None
+        if args.share_budget > 0:
+            from pvbess.sim.env import levers_label
+
+            e = typed.env
+            levers = levers_label(e.observations, e.action_mode, e.reward_baseline, e.normalize)
+            print(
+                f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "
+                f"{args.site}, reward {typed.reward.name}) "
+                f"to {args.share_target:g} % of the optimum's gain:"
+            )
+            share = speed.time_to_share(
+                typed,
+                agent_cfg,
+                tmp,
+                target_pct=args.share_target,
+                budget=args.share_budget,
+                every=args.share_every,
+            )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     threads = args.torch_threads or "default"
     print(
@@ -162,6 +193,18 @@ def main(argv: list[str] | None = None) -> None:
         f"peak memory during the solve {lp.get('lp/peak_memory_mb', float('nan')):,.0f} MB "
         "(target: under 60 s)"
     )
+    if share is not None:
+        reached = share["seconds_to_target"] == share["seconds_to_target"]  # not nan
+        print(
+            f"  default learner to {args.share_target:g} % of the optimum's gain      "
+            + (
+                f"{share['seconds_to_target']:.0f} s, {share['steps_to_target']:,.0f} steps"
+                if reached
+                else f"not within {args.share_budget:,d} steps"
+            )
+            + f"; best {share['best_share_pct']:.1f} % at {share['best_steps']:,.0f} steps "
+            f"({share['best_seconds']:.0f} s of training, evaluations excluded)"
+        )
     print(f"  peak memory (RSS)               {peak_mb:10.0f} MB")
 
 
