@@ -310,6 +310,7 @@ BACKENDS = ("citylearn", "twin")
 
 FORECASTS = ("none", "perfect", "persistence", "noisy")
 ACTION_MODES = ("per_socket", "fleet")
+BATTERY_ACTIONS = ("power", "grid_target")
 REWARD_BASELINES = ("none", "uncontrolled")
 
 
@@ -376,6 +377,10 @@ class EnvConfig:
     # per vehicle class], allocated to plugged sockets by least laxity first (learners only;
     # controllers always act per socket).
     action_mode: str = "per_socket"
+    # power: the battery action is its power (/ rating); grid_target: the grid import the
+    # battery aims for this step (-1..1 -> 0..the largest possible import), from the
+    # step's load, PV and EV charging (learners only).
+    battery_action: str = "power"
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
     reward_baseline: str = "none"
@@ -388,6 +393,12 @@ class EnvConfig:
             self.action_mode in ACTION_MODES,
             "env.action_mode",
             f"unknown action mode {self.action_mode!r} (choose {' | '.join(ACTION_MODES)})",
+        )
+        _require(
+            self.battery_action in BATTERY_ACTIONS,
+            "env.battery_action",
+            f"unknown battery action {self.battery_action!r} "
+            f"(choose {' | '.join(BATTERY_ACTIONS)})",
         )
         _require(
             self.reward_baseline in REWARD_BASELINES,

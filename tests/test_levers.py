@@ -105,13 +105,19 @@ def test_features_by_hand(tiny_dataset) -> None:
     assert f.table.shape == (len(tiny_dataset.index) + 1, 6 + 2 + 2)
 
 
-def test_all_levers_identical_on_both_simulators(tiny_dataset) -> None:
-    """Every feature and the fleet allocation run in the one step: CityLearn and the twin
-    give the same observations, rewards and history (exactly)."""
+@pytest.mark.parametrize("battery_action", ["power", "grid_target"])
+def test_all_levers_identical_on_both_simulators(tiny_dataset, battery_action: str) -> None:
+    """Every feature, the fleet allocation and the battery's grid target run in the one
+    step: CityLearn and the twin give the same observations, rewards and history."""
     runs = {}
     for backend in ("twin", "citylearn"):
         env = SiteEnv(
-            tiny_dataset, _reward(), backend=backend, observations=ALL_ON, action_mode="fleet"
+            tiny_dataset,
+            _reward(),
+            backend=backend,
+            observations=ALL_ON,
+            action_mode="fleet",
+            battery_action=battery_action,
         )
         assert env.action_space.shape == (3,)  # battery + 2 vehicle classes
         assert env.observation_space.shape == (9 + 22,)  # no sockets, 22 features
@@ -139,6 +145,28 @@ def test_fleet_at_full_intensity_is_the_uncontrolled_site(tiny_dataset) -> None:
     ts = evaluation.rollout(env, _Constant(full), seed=0, progress=False)
     np.testing.assert_allclose(ts["ev_charging_kwh"], ref["ev_charging_kwh"], atol=1e-4)
     np.testing.assert_allclose(ts["reward_total"], ref["reward_total"], atol=1e-7)
+
+
+def test_grid_target_by_hand(tiny_dataset) -> None:
+    """The battery action that aims at a grid import: none when the target is the step's
+    net load, charging above it, discharging below, bounded by the battery's power."""
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="grid_target")
+    core = env.core
+    t = 12
+    ev = np.zeros((1, env.n_sockets))
+    net_kwh = core._load[t] - core._pv[t]
+    as_target = 2 * net_kwh / core.scales.max_import_kwh - 1
+    power_kwh = tiny_dataset.site.bess.power_kw
+    np.testing.assert_allclose(core.battery_for_target(np.array([as_target]), ev, t), [0.0])
+    half_up = as_target + power_kwh / core.scales.max_import_kwh  # target = net + power / 2
+    np.testing.assert_allclose(core.battery_for_target(np.array([half_up]), ev, t), [0.5])
+    assert core.battery_for_target(np.array([-1.0]), ev, t)[0] == max(-1.0, -net_kwh / power_kwh)
+    # A socket drawing full power raises the net load the target is measured against.
+    ev[0, 0] = 1.0
+    socket_kwh = tiny_dataset.site.ev.socket_power_kw
+    np.testing.assert_allclose(
+        core.battery_for_target(np.array([as_target]), ev, t), [-socket_kwh / power_kwh]
+    )
 
 
 def test_reward_baseline_leaves_the_objective_and_zeroes_the_reference(tiny_dataset) -> None:
@@ -193,6 +221,7 @@ def test_levers_label() -> None:
     ("override", "key"),
     [
         ("env.action_mode=per_vehicle", "env.action_mode"),
+        ("env.battery_action=soc_target", "env.battery_action"),
         ("env.reward_baseline=median", "env.reward_baseline"),
         ("env.observations.forecast=psychic", "env.observations.forecast"),
         ("env.observations.forecast_leads_h=[0,3]", "env.observations.forecast_leads_h"),

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             from pvbess.sim.env import levers_label
 
             e = typed.env
-            levers = levers_label(e.observations, e.action_mode, e.reward_baseline, e.normalize)
+            levers = levers_label(
+                e.observations, e.action_mode, e.reward_baseline, e.normalize, e.battery_action
+            )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "
                 f"{args.site}, reward {typed.reward.name}) "

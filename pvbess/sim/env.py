@@ -50,6 +50,7 @@ class SiteEnv(gym.Env):
         n_envs: int = 1,
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
+        battery_action: str = "power",
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -73,6 +74,7 @@ class SiteEnv(gym.Env):
             safety_layer=safety_layer,
             observations=observations,
             action_mode=action_mode,
+            battery_action=battery_action,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -193,6 +195,7 @@ def build_envs(
     learning_curve: bool = True,
     observations: ObservationConfig | Mapping[str, Any] | None = None,
     action_mode: str = "per_socket",
+    battery_action: str = "power",
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -212,7 +215,8 @@ def build_envs(
 
     A learner's levers (issue 15; tag ``env_levers``): ``observations`` (extra
     features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
-    vehicle class), ``reward_baseline`` (``uncontrolled``: each training year's
+    vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
+    import), ``reward_baseline`` (``uncontrolled``: each training year's
     uncontrolled reward per step is subtracted from its reward) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
     also scale the evaluation's observations, frozen). Controllers act per socket on
@@ -231,7 +235,7 @@ def build_envs(
         if isinstance(observations, ObservationConfig)
         else ObservationConfig(**dict(observations or {}))
     )
-    levers = {"observations": obs, "action_mode": action_mode}
+    levers = {"observations": obs, "action_mode": action_mode, "battery_action": battery_action}
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
         raise ValueError("build_envs needs data_dir to build the training years")
@@ -240,7 +244,7 @@ def build_envs(
         "train_seeds": ",".join(str(s) for s in train_seeds),
         "train_data_hashes": ",".join(y.data_hash for y in years),
         "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
-        "env_levers": levers_label(obs, action_mode, reward_baseline, normalize),
+        "env_levers": levers_label(obs, action_mode, reward_baseline, normalize, battery_action),
     }
     if n_envs > 1:
         train: Any = TwinVecEnv(
@@ -275,7 +279,11 @@ def build_envs(
 
 
 def levers_label(
-    obs: ObservationConfig, action_mode: str, reward_baseline: str, normalize: bool
+    obs: ObservationConfig,
+    action_mode: str,
+    reward_baseline: str,
+    normalize: bool,
+    battery_action: str = "power",
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -289,6 +297,8 @@ def levers_label(
     parts = [f"obs={'+'.join(feats)}"] if feats else []
     if action_mode != "per_socket":
         parts.append(f"act={action_mode}")
+    if battery_action != "power":
+        parts.append(f"bess={battery_action}")
     if reward_baseline != "none":
         parts.append(f"base={reward_baseline}")
     if normalize:

@@ -219,6 +219,7 @@ class SiteStep:
         record: bool = True,
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
+        battery_action: str = "power",
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -231,6 +232,13 @@ class SiteStep:
         self.safety_layer = safety_layer
         self.record = record
         self.action_mode = action_mode
+        if battery_action not in ("power", "grid_target"):
+            raise ValueError(f"env.battery_action={battery_action!r}: choose power or grid_target")
+        self.battery_action = battery_action
+        self._load = dataset.series["load_kwh"].to_numpy()
+        self._pv = dataset.series["pv_kwh"].to_numpy()
+        self._bess_step_kwh = self.site.bess.power_kw * STEP_HOURS
+        self._socket_grid_kwh = self.site.ev.socket_power_kw * STEP_HOURS
         # Fleet mode: one action per vehicle class that has sockets, in the site's order.
         self.classes = list(dict.fromkeys(c for _, c in dataset.sockets))
         self._socket_class = np.asarray([self.classes.index(c) for _, c in dataset.sockets])
@@ -315,6 +323,15 @@ class SiteStep:
             raise ValueError(f"a baseline of {rewards.shape} for {self.n_steps} steps")
         self.reward_baseline = rewards
 
+    def battery_for_target(self, target: np.ndarray, ev_action: np.ndarray, t: int) -> np.ndarray:
+        """Battery actions [-1, 1] that bring step t's grid import to ``target`` (-1..1 ->
+        0..the largest possible import [kWh]) given its load, PV and the sockets' draw at
+        their actions; the battery's limits and losses decide how close it gets."""
+        target_kwh = (target + 1.0) / 2.0 * self.scales.max_import_kwh
+        ev_kwh = ev_action.sum(axis=1) * self._socket_grid_kwh
+        bess_kwh = target_kwh - (self._load[t] + ev_kwh - self._pv[t])
+        return np.clip(bess_kwh / self._bess_step_kwh, -1.0, 1.0)
+
     def ev_actions(self, a: np.ndarray, t: int) -> np.ndarray:
         """The socket actions [n_envs, socket] of clipped actions: as given (per_socket), or
         each class's intensity allocated by least laxity (fleet)."""
@@ -378,6 +395,8 @@ class SiteStep:
         forced = np.zeros_like(ev_action)
         if self.safety_layer and self.n_sockets:
             ev_action, forced = self.safety(ev_action, t)
+        if self.battery_action == "grid_target":
+            a[:, 0] = self.battery_for_target(a[:, 0], ev_action, t)
         raw, q, done = self.sim.step(np.concatenate([a[:, :1], ev_action], axis=1))
         flows = step_flows(
             load_kwh=q["load_kwh"],

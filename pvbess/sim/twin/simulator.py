@@ -147,6 +147,7 @@ class TwinVecEnv(VecEnv):
         seed: int | None = None,
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
+        battery_action: str = "power",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -163,6 +164,7 @@ class TwinVecEnv(VecEnv):
                 record=False,
                 observations=observations,
                 action_mode=action_mode,
+                battery_action=battery_action,
             )
             for ds in years
         ]
