@@ -36,12 +36,20 @@ compare: install ## Compare the site's runs from MLflow: make compare ARGS="site
 	$(BIN)/python -m pvbess.compare $(ARGS)
 
 SITE ?= iquitos_mall
-BUDGET ?= 87600
-compare-all: install ## The whole study for SITE on its held-out year: baselines, MPC, optimum, PPO/SAC/A2C x 3 seeds at BUDGET steps, compare (verified in CityLearn)
+BUDGET ?= 300000
+SAC_BUDGET ?= 50000
+compare-all: install ## The whole study for SITE on its held-out year: baselines, MPC, optimum, PPO/A2C (BUDGET steps) and SAC (SAC_BUDGET) x 3 seeds, compare (verified in CityLearn)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_baselines site=$(SITE) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_co2_only site=$(SITE) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_learners site=$(SITE) total_timesteps=$(BUDGET) $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun experiment=study_sac site=$(SITE) total_timesteps=$(SAC_BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) verify=true
+
+ABLATION_BUDGET ?= 150000
+ablation: install ## What each learner lever does: PPO, default levers / none / one changed, 3 seeds, reward=balanced, then compare (its own MLflow experiment)
+	$(BIN)/python -m pvbess.train --multirun experiment=ablation site=$(SITE) total_timesteps=$(ABLATION_BUDGET) tracking.experiment=$(SITE)_ablation $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_ablation $(ARGS)
+	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_ablation
 
 sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make sweep ARGS="agent=ppo,sac,a2c seed=0,1,2 site=tiny"
 	$(BIN)/python -m pvbess.train --multirun $(ARGS)
@@ -71,7 +79,7 @@ STUDY ?= all
 bench-study: install ## Time the README's commands in a temporary root, print a Markdown table: make bench-study STUDY=dataset,run SITE=tiny ARGS="total_timesteps=2000"
 	$(BIN)/python -m pvbess.experiment.bench --study $(STUDY) --site $(SITE) $(ARGS)
 
-.PHONY: bench-study
+.PHONY: bench-study ablation
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \

@@ -449,14 +449,14 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    total_timesteps: int = 87600
+    total_timesteps: int = 300000
     eval_episodes: int = 1
-    checkpoint_every: int = 21900
+    checkpoint_every: int = 100000
     # SB3's log_interval: iterations (PPO, A2C) or episodes (SAC) between metric dumps.
     log_interval: int = 1
     # Training steps between deterministic evaluations for the learning curve
     # (learning/* metrics, on the bit-exact twin); 0 = none.
-    eval_every: int = 21900
+    eval_every: int = 50000
     # A run directory or an MLflow run id: continue that run from its last checkpoint.
     resume: str | None = None
     agent: dict[str, Any] = field(default_factory=dict)

@@ -73,7 +73,10 @@ def test_rows_are_experiments_and_only_seeds_are_pooled(store) -> None:
     assert pooled.co2_mean == pytest.approx(sum(co2_t) / 2)
     assert pooled.co2_std == pytest.approx(abs(co2_t[0] - co2_t[1]) / 2)
     assert pooled.hparams == runs["ppo_s0"].data.tags["agent_hparams"]
-    assert pooled.env == "twinx8" and pooled.site_data == runs["ppo_s0"].data.tags["site_data_hash"]
+    levers = runs["ppo_s0"].data.tags["env_levers"]
+    assert levers.startswith("obs=time+tariff+peak+fleet+fc:persistence") and "norm" in levers
+    assert pooled.env == f"twinx8 {levers}"
+    assert pooled.site_data == runs["ppo_s0"].data.tags["site_data_hash"]
     # A controller's row does not depend on a training env it never used.
     assert (t[t.agent != "ppo"].env == "-").all()
 

@@ -130,5 +130,8 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     ]
     assert swept["study_baselines"]["reward"] == ["balanced", "cost_heavy"]
     assert swept["study_co2_only"]["reward"] == ["co2_only"]
-    assert swept["study_learners"]["agent"] == ["ppo", "sac", "a2c"]
-    assert swept["study_learners"]["seed"] == ["0", "1", "2"]
+    assert swept["study_learners"]["agent"] == ["ppo", "a2c"]
+    assert swept["study_sac"]["agent"] == ["sac"]
+    for name in ("study_learners", "study_sac"):
+        assert swept[name]["seed"] == ["0", "1", "2"]
+        assert swept[name]["reward"] == ["balanced", "cost_heavy"]

@@ -22,6 +22,7 @@ ARTIFACTS = {
     "dashboard.png",
     "eval_timeseries.csv",
     "model/model.zip",
+    "model/vecnormalize.pkl",  # levers=default normalizes
     "result.json",
     "site/site.png",
     "site/summary.json",

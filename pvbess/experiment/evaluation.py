@@ -30,9 +30,9 @@ class Normalized:
     """A learner that trained behind SB3's VecNormalize, seeing observations scaled by its
     running statistics, frozen here (``normalize_obs`` does not update them)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, vec_normalize: Any = None) -> None:
         self.model = model
-        self.vec_normalize = model.get_vec_normalize_env()
+        self.vec_normalize = vec_normalize or model.get_vec_normalize_env()
 
     def predict(
         self, observation: np.ndarray, deterministic: bool = True

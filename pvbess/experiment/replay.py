@@ -77,6 +77,8 @@ def verify(run_id: str, data_dir: str) -> Replay:
         env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
         assert isinstance(env_cfg, dict)
         env_cfg["eval_backend"] = "citylearn"
+        # The training reward's baseline changes nothing the evaluation sees.
+        env_cfg["reward_baseline"] = "none"
         envs = instantiate(env_cfg)(
             dataset=site_data,
             reward=typed.reward,
@@ -87,6 +89,12 @@ def verify(run_id: str, data_dir: str) -> Replay:
         )
         if learns:
             policy = get_class(cfg.agent["_target_"]).load(str(model_path), device="cpu")
+            if cfg.env.get("normalize"):  # the statistics the run was evaluated with, frozen
+                from stable_baselines3.common.vec_env import VecNormalize
+
+                stats = client.download_artifacts(run_id, "model/vecnormalize.pkl", tmp)
+                saved = VecNormalize.load(stats, envs.train.venv)
+                policy = evaluation.Normalized(policy, saved)
         else:
             builder = instantiate(cfg.agent, _convert_="all")
             policy = builder(env=envs.train, seed=cfg.seed, device="cpu")
