@@ -45,7 +45,7 @@ compare-all: install ## The whole study for SITE on its held-out year: baselines
 	$(BIN)/python -m pvbess.train --multirun experiment=study_sac site=$(SITE) total_timesteps=$(SAC_BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) verify=true
 
-ABLATION_BUDGET ?= 150000
+ABLATION_BUDGET ?= 100000
 ablation: install ## What each learner lever does: PPO, default levers / none / one changed, 3 seeds, reward=balanced, then compare (its own MLflow experiment)
 	$(BIN)/python -m pvbess.train --multirun experiment=ablation site=$(SITE) total_timesteps=$(ABLATION_BUDGET) tracking.experiment=$(SITE)_ablation $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_ablation $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Run
 
@@ -104,6 +105,9 @@ def test_share_of_optimum_is_in_the_presets_own_objective(store) -> None:
         assert row.seeds == len(ppo)
         assert row.objective == pytest.approx(j)
         assert row.share_of_optimum_pct == pytest.approx(100 * (base - j) / (base - best))
+        # Its spread: the std over seeds of each seed's own share.
+        shares = [100 * (base - _objective(r)) / (base - best) for r in ppo]
+        assert row.share_of_optimum_std_pct == pytest.approx(float(np.std(shares)), abs=1e-9)
         assert _row(t, agent="optimal", reward=reward).share_of_optimum_pct == pytest.approx(100)
         assert _row(t, agent="uncontrolled", reward=reward).share_of_optimum_pct == pytest.approx(0)
         # Per-KPI changes vs. the uncontrolled site stand beside it.

@@ -139,6 +139,8 @@ def test_four_jobs_on_two_parallel_workers_lose_nothing(tmp_path: Path) -> None:
         ("ppo", "0"),
         ("ppo", "1"),
     ]
+    # The levers preset each job composed (conf/levers/, the default here).
+    assert {k.data.tags["levers_preset"] for k in kids} == {"default"}
 
 
 def test_a_sweep_that_dies_fails_its_parent(tmp_path: Path) -> None:

@@ -269,6 +269,8 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         d_peak.append(_pct(row.peak_import_kw, ref.peak_import_kw))
         d_unmet.append(row.ev_unmet_kwh - ref.ev_unmet_kwh)
     out["share_of_optimum_pct"] = share
+    # The share's spread over seeds (std of J over seeds / the optimum's gain).
+    out["share_of_optimum_std_pct"] = 100.0 * out["objective_std"] / np.asarray(gains)
     out["baseline_objective"] = base_js
     out["optimum_gain"] = gains
     out["co2_change_vs_uncontrolled_pct"] = d_co2
@@ -319,6 +321,7 @@ def display_frame(t: pd.DataFrame) -> pd.DataFrame:
             "env": t.env,
             "seeds": t.seeds,
             "of optimum's gain [%]": t.share_of_optimum_pct.round(1),
+            "± over seeds [%]": t.share_of_optimum_std_pct.round(1),
             "CO2 [t/yr]": [
                 f"{m:,.1f} ± {s:,.1f}" for m, s in zip(t.co2_mean, t.co2_std, strict=True)
             ],

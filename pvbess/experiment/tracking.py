@@ -268,6 +268,10 @@ def start_run(
         "env_n_envs": str(cfg.env.get("n_envs", 1)),
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }
+    if HydraConfig.initialized():  # the levers preset's name (conf/levers/), as chosen
+        choice = HydraConfig.get().runtime.choices.get("levers")
+        if choice:
+            tags["levers_preset"] = str(choice)
     tags |= parent_tags()  # a child of the sweep or search that started this job
     kwargs = {"run_id": run_id} if run_id else {"run_name": name, "tags": tags}
     with mlflow.start_run(**kwargs) as run:
