@@ -60,13 +60,13 @@ import pandas as pd
 from pvbess.config import ConfigError
 from pvbess.control import optimal
 from pvbess.control.controllers import Controller
+from pvbess.site import forecast as site_forecast
 from pvbess.units import STEP_HOURS
 
 log = logging.getLogger(__name__)
 
 FORECASTS = ("perfect", "persistence", "noisy")
 TERMINALS = ("start", "free")
-DAY_STEPS = round(24 / STEP_HOURS)
 
 
 @dataclass
@@ -247,9 +247,7 @@ class Mpc(Controller):
         future = t + lead[1:]
         if self.forecast == "persistence":
             # The last observed day at that hour; before the first day, the first day's.
-            days_back = -(-lead // DAY_STEPS)
-            src = t + lead - DAY_STEPS * days_back
-            src = np.minimum(np.where(src < 0, src % DAY_STEPS, src), p.n_steps - 1)
+            src = site_forecast.persistence_source(t, lead, p.n_steps)
             idx, counts = self._sessions_arriving(src[1:])
             shift = np.repeat(future - src[1:], counts)
             return Forecast(
@@ -271,7 +269,7 @@ class Mpc(Controller):
         )
         if self.forecast == "noisy":
             rng = np.random.default_rng([self._rng_seed, t])
-            std = self.noise_frac_at_24h * np.sqrt(lead / DAY_STEPS)
+            std = site_forecast.noise_std(lead, self.noise_frac_at_24h)
             f.pv_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
             f.load_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
             noise = std[f.arrival - t] * rng.standard_normal(f.arrival.size)
