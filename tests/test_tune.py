@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -171,6 +172,9 @@ def test_two_trial_search(tmp_path: Path) -> None:
     # The preset, under the project root: agent=ppo_tuned composes, validates, builds.
     preset = tmp_path / "conf" / "agent" / "ppo_tuned.yaml"
     assert preset.is_file()
+    # The search's record beside it: one row per trial, the best one's value in it.
+    record = pd.read_csv(preset.with_name("ppo_tuned.trials.csv"))
+    assert len(record) == 2 and best.value in set(record["value"])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train", overrides=[f"hydra.searchpath=[file://{tmp_path}/conf]", "agent=ppo_tuned"]

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -475,6 +476,9 @@ def finish(plan: Plan, study: optuna.Study, parent_id: str, exp_id: str) -> None
         client.log_artifact(parent_id, str(plan.study_dir / name))
     if plan.preset_name:
         preset = write_preset(plan, values, results)
+        # The search's record beside the preset, to commit with it.
+        record = preset.with_name(f"{plan.preset_name}.trials.csv")
+        shutil.copyfile(plan.study_dir / "trials.csv", record)
         client.log_artifact(parent_id, str(preset), artifact_path="preset")
         use = f"agent={plan.preset_name}"
         if plan.root != CONF_DIR.parent:  # the preset is outside this checkout's conf/
