@@ -45,6 +45,12 @@ compare-all: install ## The whole study for SITE on its held-out year: baselines
 	$(BIN)/python -m pvbess.train --multirun experiment=study_sac site=$(SITE) total_timesteps=$(SAC_BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) verify=true
 
+compare-tuned: install ## The tuned presets (conf/agent/*_tuned.yaml) on the held-out year, 3 seeds, in their own MLflow experiment, then compare
+	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced,cost_heavy env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_tuned $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun agent=ppo_tuned,a2c_tuned reward=balanced,cost_heavy seed=0,1,2 env.eval_backend=twin site=$(SITE) total_timesteps=$(BUDGET) tracking.experiment=$(SITE)_tuned $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun agent=sac_tuned reward=balanced,cost_heavy seed=0,1,2 env.eval_backend=twin site=$(SITE) total_timesteps=$(SAC_BUDGET) tracking.experiment=$(SITE)_tuned $(ARGS)
+	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_tuned
+
 ABLATION_BUDGET ?= 100000
 ablation: install ## What each learner lever does: PPO, default levers / none / one changed, 3 seeds, reward=balanced, then compare (its own MLflow experiment)
 	$(BIN)/python -m pvbess.train --multirun experiment=ablation site=$(SITE) total_timesteps=$(ABLATION_BUDGET) tracking.experiment=$(SITE)_ablation $(ARGS)
@@ -79,7 +85,7 @@ STUDY ?= all
 bench-study: install ## Time the README's commands in a temporary root, print a Markdown table: make bench-study STUDY=dataset,run SITE=tiny ARGS="total_timesteps=2000"
 	$(BIN)/python -m pvbess.experiment.bench --study $(STUDY) --site $(SITE) $(ARGS)
 
-.PHONY: bench-study ablation
+.PHONY: bench-study ablation compare-tuned
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
