@@ -139,6 +139,8 @@ def test_two_trial_search(tmp_path: Path) -> None:
             "agent.batch_size=32",
             "tune.n_trials=2",
             "tune.n_jobs=2",
+            # Not ppo_tuned: the checkout's own conf/agent/ppo_tuned.yaml would shadow it.
+            "tune.preset=ppo_test_tuned",
         ],
         tmp_path,
     )
@@ -167,18 +169,19 @@ def test_two_trial_search(tmp_path: Path) -> None:
     best_run = client.get_run(parent.data.tags["best_run_id"])
     assert best_run.data.tags[tracking.JOB_TAG] == str(best.number)
     assert best_run.data.metrics["eval/reward_total_mean"] == pytest.approx(best.value)
-    assert artifact_paths(client, parent.info.run_id, "preset") == {"preset/ppo_tuned.yaml"}
+    assert artifact_paths(client, parent.info.run_id, "preset") == {"preset/ppo_test_tuned.yaml"}
 
-    # The preset, under the project root: agent=ppo_tuned composes, validates, builds.
-    preset = tmp_path / "conf" / "agent" / "ppo_tuned.yaml"
+    # The preset, under the project root: agent=ppo_test_tuned composes, validates, builds.
+    preset = tmp_path / "conf" / "agent" / "ppo_test_tuned.yaml"
     assert preset.is_file()
     # The search's record beside it: one row per trial, the best one's value in it.
-    record = pd.read_csv(preset.with_name("ppo_tuned.trials.csv"))
+    record = pd.read_csv(preset.with_name("ppo_test_tuned.trials.csv"))
     assert len(record) == 2
     assert record["value"].to_numpy() == pytest.approx([t.value for t in study.trials])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
-            "train", overrides=[f"hydra.searchpath=[file://{tmp_path}/conf]", "agent=ppo_tuned"]
+            "train",
+            overrides=[f"hydra.searchpath=[file://{tmp_path}/conf]", "agent=ppo_test_tuned"],
         )
     for key, value in best.params.items():
         assert cfg.agent[key.removeprefix("agent.")] == pytest.approx(value)
