@@ -137,7 +137,7 @@ def time_to_share(
 
     from pvbess.control.controllers import Optimal, Uncontrolled
     from pvbess.experiment.evaluation import policy, rollout
-    from pvbess.sim.env import build_envs
+    from pvbess.sim.env import SiteEnv, build_envs
 
     ds = dataset.build(typed.site, data_dir)
     env_kwargs = {k: v for k, v in dataclasses.asdict(typed.env).items() if not k.startswith("_")}
@@ -152,8 +152,6 @@ def time_to_share(
         gamma=float(agent_cfg.get("gamma", 0.99)),
         **env_kwargs,
     )
-    from pvbess.sim.env import SiteEnv
-
     plain = SiteEnv(ds, typed.reward, backend="twin", safety_layer=typed.env.safety_layer)
     j_unc = controller_objective(plain, Uncontrolled)
     j_opt = controller_objective(plain, Optimal)

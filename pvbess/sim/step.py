@@ -271,6 +271,7 @@ class SiteStep:
             np.flatnonzero((state[:, t] == 1) & (sim.departure_steps[:, t] == 1)) for t in range(n)
         ]
         self.t = 0
+        self._soc_at: tuple = (-1, None, None)  # plugged_soc's step and answer
         # Each copy's grid import in the last step taken [kWh] (the ramp term's reference).
         self.prev_import_kwh = np.zeros(self.n_envs)
         self.history_arrays: dict[str, np.ndarray] = {}
@@ -298,6 +299,14 @@ class SiteStep:
             return obs
         return np.concatenate([obs, *extra], axis=1).astype(np.float32)
 
+    def plugged_soc(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """SOC at the start of step t and capacity [kWh] of the vehicles plugged in then,
+        [n_envs, plugged]: asked of the simulator once per step, whoever asks (the
+        observation's fleet features, the fleet allocation, the safety layer)."""
+        if self._soc_at[0] != t:
+            self._soc_at = (t, *self.sim.ev_soc_and_capacity(self._plugged[t]))
+        return self._soc_at[1], self._soc_at[2]
+
     def fleet_needs(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Energy need [kWh] and laxity [h] of the vehicles plugged in at step t (its start),
         [n_envs, plugged] in ``self._plugged[t]`` order."""
@@ -305,7 +314,7 @@ class SiteStep:
             empty = np.zeros((self.n_envs, 0))
             return empty, empty
         plugged = self._plugged[t]
-        soc, cap = self.sim.ev_soc_and_capacity(plugged)
+        soc, cap = self.plugged_soc(t)
         return fleet.needs(
             soc,
             cap,
@@ -356,6 +365,7 @@ class SiteStep:
         raw = self.sim.reset(seeds)
         n = self.n_envs
         self.t = 0
+        self._soc_at = (-1, None, None)
         self.prev_import_kwh = np.zeros(n)
         self._peak_import = np.zeros(n)
         self.returns = np.zeros(n)
@@ -373,7 +383,7 @@ class SiteStep:
         plugged = self._plugged[t]
         if plugged.size == 0:
             return new, forced
-        soc, cap = self.sim.ev_soc_and_capacity(plugged)
+        soc, cap = self.plugged_soc(t)
         new[:, plugged], forced[:, plugged] = safety_actions(
             ev_action[:, plugged],
             soc,
@@ -398,6 +408,7 @@ class SiteStep:
         if self.battery_action == "grid_target":
             a[:, 0] = self.battery_for_target(a[:, 0], ev_action, t)
         raw, q, done = self.sim.step(np.concatenate([a[:, :1], ev_action], axis=1))
+        self._soc_at = (-1, None, None)  # the step changed them
         flows = step_flows(
             load_kwh=q["load_kwh"],
             pv_kwh=q["pv_kwh"],
