@@ -8,6 +8,8 @@ Every physical quantity carries its unit in its name.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -28,6 +30,29 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _in_range(
+    value: float,
+    key: str,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """``value`` within [low, high] (a bound is excluded where ``open_*``)."""
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    left, right = "(" if open_low else "[", ")" if open_high else "]"
+    _require(above and below, key, f"must be in {left}{low:g}, {high:g}{right}, got {value}")
+
+
+# The separators csv.separator accepts (auto = the most frequent of them in the header).
+SEPARATORS = {"auto": "auto", ",": ",", ";": ";", "tab": "\t", "\\t": "\t", "\t": "\t", "|": "|"}
+DECIMALS = ("auto", ".", ",")
+THOUSANDS = ("none", ".", ",", " ", "'")
+TIMESTAMP_LABELS = ("start", "end")
+
+
 @dataclass
 class CsvSourceConfig:
     """Where one user time series comes from, and how to read it."""
@@ -44,6 +69,42 @@ class CsvSourceConfig:
     # Time zone of naive timestamps; None = the site's time zone.
     timezone: str | None = None
     scale: float = 1.0
+    # start: a row's timestamp is the start of its interval (10:00 = 10:00-10:15);
+    # end: meter exports that label each row by the end of its interval (10:15 = 10:00-10:15).
+    timestamp_label: str = "start"
+    # Decimal mark: auto = '.' (and ',' in ';'-separated files); '.' or ',' to say so.
+    decimal: str = "auto"
+    # Thousands separator inside numbers ('1,489' or '1.489'): none | . | , | ' ' | "'".
+    thousands: str = "none"
+
+    def check_source(self, key: str) -> None:
+        _require(
+            self.separator in SEPARATORS,
+            f"{key}.separator",
+            f"unknown separator {self.separator!r} (choose auto, ',', ';', tab or '|'; "
+            "on the command line quote it: 'site.load.csv.separator=;')",
+        )
+        _require(
+            self.decimal in DECIMALS,
+            f"{key}.decimal",
+            f"must be auto, '.' or ',', got {self.decimal!r}",
+        )
+        _require(
+            self.thousands in THOUSANDS,
+            f"{key}.thousands",
+            f"must be none, '.', ',', ' ' or \"'\", got {self.thousands!r}",
+        )
+        _require(
+            self.thousands == "none" or self.thousands != self.decimal,
+            f"{key}.thousands",
+            f"{self.thousands!r} cannot be both the decimal mark and the thousands separator",
+        )
+        _require(
+            self.timestamp_label in TIMESTAMP_LABELS,
+            f"{key}.timestamp_label",
+            f"must be start or end, got {self.timestamp_label!r}",
+        )
+        _require(self.scale != 0, f"{key}.scale", "must not be 0 (it would erase the series)")
 
 
 @dataclass
@@ -62,6 +123,9 @@ class PvConfig:
         _require(self.source in ("generated", "csv"), "site.pv.source", "must be generated or csv")
         _require(self.dc_kwp >= 0, "site.pv.dc_kwp", f"must be >= 0, got {self.dc_kwp}")
         _require(self.ac_kw > 0, "site.pv.ac_kw", f"must be > 0, got {self.ac_kw}")
+        _in_range(self.tilt_deg, "site.pv.tilt_deg", 0, 90)
+        _in_range(self.azimuth_deg, "site.pv.azimuth_deg", 0, 360)
+        self.csv.check_source("site.pv.csv")
         _require(
             0 <= self.system_losses_frac < 1,
             "site.pv.system_losses_frac",
@@ -107,6 +171,12 @@ class LoadConfig:
             "site.load.open_hour/close_hour",
             "need 0 <= open_hour < close_hour <= 24",
         )
+        _require(self.weekend_factor > 0, "site.load.weekend_factor", "must be > 0")
+        _in_range(
+            self.seasonal_amplitude_frac, "site.load.seasonal_amplitude_frac", 0, 1, open_high=True
+        )
+        _in_range(self.noise_frac, "site.load.noise_frac", 0, 1, open_high=True)
+        self.csv.check_source("site.load.csv")
         _require(
             self.source != "csv" or bool(self.csv.path),
             "site.load.csv.path",
@@ -152,6 +222,11 @@ class BessConfig:
             f"{self.power_kw} kW exceeds max_c_rate_per_h x capacity_kwh = "
             f"{self.max_c_rate_per_h * self.capacity_kwh:.1f} kW",
         )
+        _require(
+            self.max_c_rate_per_h > 0,
+            "site.bess.max_c_rate_per_h",
+            f"must be > 0, got {self.max_c_rate_per_h}",
+        )
 
 
 @dataclass
@@ -170,6 +245,7 @@ class EvClassConfig:
         _require(self.vehicles_per_day >= 0, f"{key}.vehicles_per_day", "must be >= 0")
         _require(self.battery_kwh > 0, f"{key}.battery_kwh", "must be > 0")
         _require(self.session_minutes_mean > 0, f"{key}.session_minutes_mean", "must be > 0")
+        _require(self.arrival_soc_frac_std >= 0, f"{key}.arrival_soc_frac_std", "must be >= 0")
         _require(
             0 <= self.arrival_soc_frac_mean < self.required_soc_frac <= 1,
             f"{key}.required_soc_frac",
@@ -204,6 +280,13 @@ class EvConfig:
         _require(len(self.classes) > 0, "site.ev.classes", "needs at least one vehicle class")
         for name, c in self.classes.items():
             c.check_class(name)
+        # CityLearn's EV model and the env's action space are built per socket.
+        _require(
+            sum(c.sockets for c in self.classes.values()) >= 1,
+            "site.ev.classes",
+            "the site has no EV socket (every class has sockets=0); a site without chargers "
+            "(PV and battery only) is not supported yet: give one class sockets >= 1",
+        )
 
 
 @dataclass
@@ -224,6 +307,7 @@ class TariffConfig:
             "site.tariff.peak_start_hour/peak_end_hour",
             "need 0 <= peak_start_hour <= peak_end_hour <= 24",
         )
+        _require(bool(self.currency.strip()), "site.tariff.currency", "must not be empty")
 
 
 @dataclass
@@ -263,6 +347,8 @@ class SiteConfig:
         )
         _require(-90 <= self.latitude_deg <= 90, "site.latitude_deg", "must be in [-90, 90]")
         _require(-180 <= self.longitude_deg <= 180, "site.longitude_deg", "must be in [-180, 180]")
+        _in_range(self.altitude_m, "site.altitude_m", -500, 9000)
+        _require(self.seed >= 0, "site.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -293,6 +379,9 @@ class RewardConfig:
     # Import above this share of the site's peak load is penalised by the grid term.
     peak_threshold_frac: float = 0.8
 
+    def check(self) -> None:
+        _in_range(self.peak_threshold_frac, "reward.peak_threshold_frac", 0, 2, open_low=True)
+
 
 @dataclass
 class DeviceConfig:
@@ -302,6 +391,11 @@ class DeviceConfig:
 
     def check(self) -> None:
         _require(self.name in ("auto", "cpu", "cuda"), "device.name", "must be auto, cpu or cuda")
+        _require(
+            self.torch_threads >= 0,
+            "device.torch_threads",
+            f"must be >= 0, got {self.torch_threads}",
+        )
 
 
 # citylearn: the reference simulator; twin: pvbess.sim.twin, a numpy twin of the same physics.
@@ -345,6 +439,11 @@ class ObservationConfig:
             all(h >= 1 for h in self.forecast_leads_h),
             "env.observations.forecast_leads_h",
             f"lead times must be >= 1 h, got {list(self.forecast_leads_h)}",
+        )
+        _require(
+            all(h <= 168 for h in self.forecast_leads_h),
+            "env.observations.forecast_leads_h",
+            f"lead times must be <= 168 h (a week), got {list(self.forecast_leads_h)}",
         )
         _require(
             self.noise_frac_at_24h >= 0,
@@ -423,6 +522,11 @@ class EnvConfig:
         )
         _require(len(self.train_seeds) >= 1, "env.train_seeds", "needs at least one site seed")
         _require(
+            all(s >= 0 for s in self.train_seeds),
+            "env.train_seeds",
+            f"seeds must be >= 0, got {list(self.train_seeds)}",
+        )
+        _require(
             len(set(self.train_seeds)) == len(self.train_seeds),
             "env.train_seeds",
             f"has a seed twice: {list(self.train_seeds)}",
@@ -459,6 +563,9 @@ class TrainConfig:
     eval_every: int = 50000
     # A run directory or an MLflow run id: continue that run from its last checkpoint.
     resume: str | None = None
+    # A learner with total_timesteps=0 evaluates an untrained policy; refused unless this
+    # is set (the run is then tagged untrained=true).
+    allow_untrained: bool = False
     agent: dict[str, Any] = field(default_factory=dict)
     reward: RewardConfig = field(default_factory=RewardConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
@@ -473,6 +580,8 @@ class TrainConfig:
             "total_timesteps",
             f"must be >= 0, got {self.total_timesteps}",
         )
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        _require(self.log_interval >= 1, "log_interval", f"must be >= 1, got {self.log_interval}")
         _require(
             self.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {self.eval_episodes}"
         )
@@ -495,6 +604,80 @@ class TrainConfig:
             "agent",
             "needs a _target_ (choose agent=ppo|sac|a2c|uncontrolled|rbc|optimal|mpc)",
         )
+        check_agent(self.agent)
+        _require(
+            not is_learner(self.agent) or self.total_timesteps > 0 or self.allow_untrained,
+            "total_timesteps",
+            f"is 0 for the learning agent {self.agent['_target_']}: its evaluation would be "
+            "an untrained policy filed as the agent. Give a budget, or set "
+            "allow_untrained=true to evaluate the untrained policy (tagged untrained=true)",
+        )
+
+
+def is_learner(agent: dict[str, Any]) -> bool:
+    """Stable-Baselines3 agents (they need a ``policy``); pvbess's controllers do not learn."""
+    return "policy" in agent
+
+
+# Stable-Baselines3 hyperparameters with a range, checked before SB3 is imported: its own
+# errors come from deep inside torch or numpy and do not name the key.
+# name -> (lowest, highest, lowest excluded)
+AGENT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "learning_rate": (0.0, 1.0, True),
+    "n_steps": (1, math.inf, False),
+    "batch_size": (1, math.inf, False),
+    "n_epochs": (1, math.inf, False),
+    "gamma": (0.0, 1.0, False),
+    "gae_lambda": (0.0, 1.0, False),
+    "clip_range": (0.0, math.inf, True),
+    "ent_coef": (0.0, math.inf, False),
+    "vf_coef": (0.0, math.inf, False),
+    "max_grad_norm": (0.0, math.inf, True),
+    "buffer_size": (1, math.inf, False),
+    "learning_starts": (0, math.inf, False),
+    "tau": (0.0, 1.0, True),
+    "train_freq": (1, math.inf, False),
+    "target_update_interval": (1, math.inf, False),
+    "sde_sample_freq": (-1, math.inf, False),
+}
+AGENT_INTEGERS = {
+    "n_steps",
+    "batch_size",
+    "n_epochs",
+    "buffer_size",
+    "learning_starts",
+    "train_freq",
+    "target_update_interval",
+    "sde_sample_freq",
+}
+
+
+def check_agent(agent: dict[str, Any]) -> None:
+    """Range and type checks on the agent's numeric hyperparameters, naming the key."""
+    for key, (low, high, open_low) in AGENT_RANGES.items():
+        if key not in agent or isinstance(agent[key], str):  # a schedule's name: SB3 checks
+            continue
+        value = agent[key]
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            f"agent.{key}",
+            f"must be a number, got {value!r}",
+        )
+        _require(math.isfinite(value), f"agent.{key}", f"must be finite, got {value}")
+        _require(
+            key not in AGENT_INTEGERS or float(value).is_integer(),
+            f"agent.{key}",
+            f"must be a whole number, got {value}",
+        )
+        _in_range(value, f"agent.{key}", low, high, open_low=open_low)
+    for key in ("gradient_steps",):
+        if key in agent:
+            value = agent[key]
+            _require(
+                isinstance(value, int) and (value >= 1 or value == -1),
+                f"agent.{key}",
+                f"must be >= 1 or -1 (one per transition), got {value!r}",
+            )
 
 
 def project_root() -> str:
@@ -520,25 +703,70 @@ def register() -> None:
     cs.store(name="site_schema", node=SiteConfig)
 
 
-def _check_tree(obj: Any) -> None:
-    """Call ``check()`` on a dataclass and every dataclass inside it."""
+def _check_finite(value: Any, key: str) -> None:
+    """Every number in a setting is finite: inf and nan crash deep in CityLearn or torch."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def _check_tree(obj: Any, prefix: str = "") -> None:
+    """Finite numbers everywhere, then ``check()`` on a dataclass and every one inside it."""
     if is_dataclass(obj):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if not is_dataclass(value):
+                _check_finite(value, f"{prefix}{f.name}")
         if hasattr(obj, "check"):
             obj.check()
         for f in fields(obj):
-            _check_tree(getattr(obj, f.name))
+            _check_tree(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_tree(v, f"{prefix}{k}.")
+
+
+def check_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Refuse keys the typed schema does not know (Hydra's ``+key=value`` adds them
+    silently), naming the key and the nearest valid one."""
+    typ = OmegaConf.get_type(cfg)
+    if typ is not None and is_dataclass(typ):
+        known = [f.name for f in fields(typ)]
+        for key in cfg.keys():
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"{prefix}{key}: unknown setting{hint} (the valid keys here: {', '.join(known)})"
+            )
+    for key in cfg.keys():
+        child = cfg._get_node(key)  # the node, without resolving interpolations
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_keys(child, f"{prefix}{key}.")
 
 
 def validate_site(cfg: DictConfig) -> SiteConfig:
     """Run the physical checks on a composed site config; return the typed object."""
-    site = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SiteConfig), cfg))
+    merged = OmegaConf.merge(OmegaConf.structured(SiteConfig), cfg)
+    assert isinstance(merged, DictConfig)
+    check_keys(merged, "site.")
+    site = OmegaConf.to_object(merged)
     assert isinstance(site, SiteConfig)
-    _check_tree(site)
+    _check_tree(site, "site.")
     return site
 
 
 def validate(cfg: DictConfig) -> TrainConfig:
     """Run every ``check`` on a composed config; raise ConfigError naming the key."""
+    check_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, TrainConfig)
     _check_tree(obj)

@@ -297,7 +297,75 @@ def test_file_too_short(tmp_path: Path) -> None:
 def test_end_labelled_quarter_hours_are_flagged(tmp_path: Path) -> None:
     path = _write(tmp_path, _hourly_csv(["1"] * 8, start="2024-01-01 00:15", freq="15min"))
     err = _error(path, _index(periods=2))
-    assert "3 of 4 rows" in str(err) and "end of their interval" in str(err)
+    assert "3 of 4 rows" in str(err) and "csv.timestamp_label=end" in str(err)
+
+
+def test_end_labelled_quarter_hour_file_imports_with_timestamp_label_end(
+    tmp_path: Path,
+) -> None:
+    # A meter export: 1/01/2024 0:15 .. 2/01/2024 0:00 (96 rows), each row the energy of
+    # the quarter hour that ENDS at its timestamp. Row k holds k kWh (k = 1..96), so the
+    # hour h (rows 4h+1 .. 4h+4) sums to 16h + 10.
+    times = pd.date_range("2024-01-01 00:15", periods=96, freq="15min")
+    rows = [
+        f"{t.day}/{t.month:02d}/{t.year} {t.hour}:{t.minute:02d};{k}"
+        for k, t in zip(range(1, 97), times, strict=True)
+    ]
+    path = _write(tmp_path, "fecha;kwh\n" + "\n".join(rows) + "\n")
+    index = _index(periods=24)
+    energy_kwh = _read(
+        path,
+        index,
+        time_column="fecha",
+        value_column="kwh",
+        dayfirst=True,
+        timestamp_label="end",
+    )
+    assert energy_kwh.tolist() == [16.0 * h + 10.0 for h in range(24)]
+    # Read as start-labelled, the first hour has 3 of its 4 rows: the error points at the
+    # setting.
+    err = _error(path, index, time_column="fecha", value_column="kwh", dayfirst=True)
+    assert "3 of 4 rows" in str(err) and "csv.timestamp_label=end" in str(err)
+
+
+def test_thousands_separator_is_warned_about_then_read_when_set(tmp_path: Path) -> None:
+    # '1,489' among 1,500s written without a separator, in a ';' file: under the
+    # decimal-comma rule it reads 1.489 (warned about, naming the row); with
+    # csv.thousands=',' and csv.decimal='.', it reads 1489. (A file that writes every
+    # value with a thousands separator gives no jump to see: csv.thousands is the way.)
+    index = _index(periods=4)
+    mixed = "datetime;value\n" + "".join(
+        f"2024-01-01 0{h}:00;{v}\n" for h, v in enumerate(["1500", "1510", "1,489", "1520"])
+    )
+    path = _write(tmp_path, mixed)
+    with pytest.warns(UserWarning, match=r"data row 3 .*'1,489' is 1014x smaller than both"):
+        assert _read(path, index).tolist() == [1500, 1510, 1.489, 1520]
+    assert _read(path, index, thousands=",", decimal=".").tolist() == [1500, 1510, 1489, 1520]
+    # '1.489,5' with a '.' thousands separator and a ',' decimal mark.
+    path = _write(tmp_path, "datetime;value\n2024-01-01 00:00;1.489,5\n")
+    assert _read(path, _index(periods=1), thousands=".").tolist() == [1489.5]
+
+
+def test_pv_ramps_from_zero_are_not_warned_about(tmp_path: Path) -> None:
+    import warnings
+
+    values = ["0", "0.001", "2", "40", "60", "40", "2", "0.002", "0"]
+    path = _write(tmp_path, _hourly_csv(values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _read(path, _index(periods=len(values))).sum() == pytest.approx(144.003)
+
+
+@pytest.mark.parametrize("separator", ["xx", ".*", ":"])
+def test_only_documented_separators(tmp_path: Path, separator: str) -> None:
+    path = _write(tmp_path, _hourly_csv(["1"] * 2))
+    with pytest.raises(ConfigError, match=r"x.csv.separator: unknown separator"):
+        _read(path, _index(periods=2), separator=separator)
+
+
+def test_tab_separator_by_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, "datetime\tvalue\n2024-01-01 00:00\t7\n")
+    assert _read(path, _index(periods=1), separator="tab").tolist() == [7.0]
 
 
 def test_mixed_offsets(tmp_path: Path) -> None:

@@ -32,19 +32,19 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, Run
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict, read_write
 
 import pvbess
-from pvbess.experiment import tracking
-from pvbess.experiment.tracking import PARENT_ENV, PARENT_TAG
 
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Run
+
+# Hydra builds the callback for single runs too: MLflow, torch and SB3 (about 3 s to
+# import) are imported only when a sweep starts, so a bad value fails at once.
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
@@ -62,6 +62,8 @@ def prepare_store(cfg: DictConfig, experiments: Iterable[str]) -> dict[str, str]
 
     Ends with the first experiment selected (``mlflow.set_experiment``).
     """
+    from pvbess.experiment import tracking
+
     names = list(dict.fromkeys(experiments))
     ids = {}
     for name in reversed(names):
@@ -75,6 +77,8 @@ def start_parent(
     cfg: DictConfig, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """Create the parent run (not the active run of this process); return its id."""
+    from mlflow.tracking import MlflowClient
+
     from pvbess.experiment import tracking
 
     client = MlflowClient()
@@ -91,6 +95,9 @@ def start_parent(
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient()
     items = sorted((k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items())
     for i in range(0, len(items), MAX_PARAMS_PER_CALL):
@@ -103,6 +110,10 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 
 def children(parent_id: str, experiment_ids: Iterable[str]) -> list[Run]:
     """Every run tagged as a child of ``parent_id`` in these experiments."""
+    from mlflow.tracking import MlflowClient
+
+    from pvbess.experiment.tracking import PARENT_TAG
+
     return MlflowClient().search_runs(
         list(experiment_ids), f"tags.{PARENT_TAG} = '{parent_id}'", max_results=50_000
     )
@@ -113,6 +124,8 @@ def end_parent(parent_id: str, experiment_ids: Iterable[str], status: str | None
 
     ``status=None``: FINISHED when every child finished, else FAILED.
     """
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient()
     runs = children(parent_id, experiment_ids)
     counts = {s: sum(r.info.status == s for r in runs) for s in ("FINISHED", "FAILED", "KILLED")}
@@ -135,6 +148,8 @@ def end_parent(parent_id: str, experiment_ids: Iterable[str], status: str | None
 
 
 def metric(key: str, value: float, step: int = 0) -> Metric:
+    from mlflow.entities import Metric
+
     return Metric(key, float(value), int(time.time() * 1000), step)
 
 
@@ -194,6 +209,10 @@ class MlflowSweepCallback(Callback):
         self.tracking_uri = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        from pvbess.experiment.tracking import PARENT_ENV
+
         overrides = [str(o) for o in config.hydra.overrides.task]
         ids = prepare_store(config, job_experiments(config, overrides))
         self.experiment_ids = list(ids.values())
@@ -221,6 +240,8 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:
             return
+        import mlflow
+
         atexit.unregister(self._died)
         mlflow.set_tracking_uri(self.tracking_uri)  # in-process jobs may have moved it
         end_parent(self.run_id, self.experiment_ids)
@@ -230,6 +251,9 @@ class MlflowSweepCallback(Callback):
         """The sweep ended without on_multirun_end: FAILED (a job raised) or KILLED (Ctrl-C)."""
         if self.run_id is None:
             return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
         try:
             mlflow.set_tracking_uri(self.tracking_uri)
@@ -242,6 +266,8 @@ class MlflowSweepCallback(Callback):
         self._forget()
 
     def _forget(self) -> None:
+        from pvbess.experiment.tracking import PARENT_ENV
+
         if os.environ.get(PARENT_ENV) == self.run_id:
             del os.environ[PARENT_ENV]
         self.run_id = None

@@ -6,12 +6,17 @@ Conventions
   left-labelled: the value at 10:00 is the energy [kWh] of 10:00-11:00.
 * CSV timestamps are read the same way: each row's timestamp is the *start* of its
   interval, and the interval length is the file's resolution (the most common spacing).
+  Meter exports that label a row by the *end* of its interval (``0:15`` for 0:00-0:15)
+  set ``csv.timestamp_label=end``: every timestamp moves back by one resolution.
 * Row numbers in error messages count data rows from 1 (the first row under the header)
   and also give the file line (header = line 1), which is the row number a spreadsheet
   shows when it opens the file.
 * Timestamps are checked over the whole file (readable, unique, increasing); values,
   spacing and gaps only inside the site period, so a longer file may have holes elsewhere.
-* In ';'-separated files a ',' inside a number is the decimal mark ("12,5").
+* In ';'-separated files a ',' inside a number is the decimal mark ("12,5") unless
+  ``csv.decimal`` says otherwise; ``csv.thousands`` names a thousands separator
+  ("1.489,5"). A value next to neighbours orders of magnitude larger or smaller (what
+  "1,489" read as 1.489 gives) is warned about.
 
 The reader is strict on purpose: every quirk it cannot resolve unambiguously (a gap, a
 duplicate, a file for another year) raises :class:`DataError` instead of being patched.
@@ -32,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 from pvbess import errors
-from pvbess.config import ConfigError, CsvSourceConfig
+from pvbess.config import SEPARATORS, ConfigError, CsvSourceConfig
 from pvbess.errors import DataError
+from pvbess.site.validation import PlausibilityWarning
 
 __all__ = ["DataError", "read_series"]
 
@@ -45,6 +51,9 @@ _SEPARATOR_CANDIDATES = (";", ",", "\t")
 # A UTC offset or 'Z' right after the time part: '...00:00-05:00', '...0000+0100', '...00Z'.
 _OFFSET_RE = re.compile(r"(?:\d[+-]\d{2}:?\d{2}|\d[zZ])$")
 _MISSING_WORDS = {"nan", "na", "n/a", "#n/a", "null", "none", "-"}
+# Neighbouring rows whose values differ by this factor or more are warned about (a
+# thousands separator read as a decimal mark gives 1,000).
+_JUMP_FACTOR = 300.0
 
 
 def _row_ref(row: int) -> str:
@@ -102,7 +111,12 @@ def read_series(source: CsvSourceConfig, index: pd.DatetimeIndex, *, name: str) 
     naive_tz = _naive_timezone(source, site_tz, name)
     path = _existing_path(source, name)
 
-    frame, separator = _read_table(path, source.separator)
+    if source.separator not in SEPARATORS:
+        raise ConfigError(
+            f"{name}.csv.separator: unknown separator {source.separator!r} (choose auto, ',', "
+            "';', tab or '|')"
+        )
+    frame, separator = _read_table(path, SEPARATORS[source.separator])
     ctx = _Ctx(path, source.time_column, source.value_column)
     _require_columns(frame, ctx, auto_separator=source.separator == "auto", separator=separator)
     ctx = _Ctx(path, source.time_column, source.value_column, frame[source.time_column])
@@ -110,12 +124,17 @@ def read_series(source: CsvSourceConfig, index: pd.DatetimeIndex, *, name: str) 
     times = _parse_times(ctx, source, naive_tz=naive_tz, site_tz=site_tz)
     _check_order(ctx, times)
     file_step = _file_step(ctx, times, step)
+    if source.timestamp_label == "end":
+        times = times - file_step  # each row now labels the start of its interval
 
     end = index[-1] + step
     window = np.flatnonzero(np.asarray((times >= index[0]) & (times < end)))
     _check_grid(ctx, times, window, file_step, index[0])
 
-    values = _parse_numbers(ctx, frame[source.value_column], window, separator)
+    decimal = source.decimal if source.decimal != "auto" else ("," if separator == ";" else ".")
+    thousands = None if source.thousands == "none" else source.thousands
+    values = _parse_numbers(ctx, frame[source.value_column], window, decimal, thousands)
+    _warn_jumps(ctx, values, window, frame[source.value_column])
     row_hours = file_step / pd.Timedelta(hours=1)
     energy_kwh = values * to_kwh * (row_hours if is_power else 1.0) * source.scale
     _check_energy(ctx, energy_kwh, window, frame[source.value_column])
@@ -412,10 +431,14 @@ def _check_grid(
 # --- values ---------------------------------------------------------------------------
 
 
-def _parse_numbers(ctx: _Ctx, raw: pd.Series, window: np.ndarray, separator: str) -> np.ndarray:
+def _parse_numbers(
+    ctx: _Ctx, raw: pd.Series, window: np.ndarray, decimal: str, thousands: str | None
+) -> np.ndarray:
     """Read the value column's rows in ``window`` as finite floats."""
     text = raw.iloc[window].str.strip()
-    if separator == ";":
+    if thousands is not None:
+        text = text.str.replace(thousands, "", regex=False)
+    if decimal == ",":
         # Locales that separate fields with ';' write decimals with ',' ("12,5").
         text = text.str.replace(",", ".", regex=False)
     values = pd.to_numeric(text.to_numpy(dtype=object), errors="coerce").astype("float64")
@@ -435,10 +458,38 @@ def _parse_numbers(ctx: _Ctx, raw: pd.Series, window: np.ndarray, separator: str
     else:
         problem = f"cannot read {original!r} as a number ({count})."
         hint = (
-            "Write plain numbers with '.' as decimal mark (',' is also accepted in "
-            "';'-separated files), without units or thousands separators."
+            f"Write plain numbers without units; the decimal mark is {decimal!r} and the "
+            f"thousands separator {thousands or 'none'} (csv.decimal, csv.thousands)."
         )
     ctx.fail(problem, column=ctx.value_column, pos=pos, hint=hint)
+
+
+def _warn_jumps(ctx: _Ctx, values: np.ndarray, window: np.ndarray, raw: pd.Series) -> None:
+    """Warn about a value orders of magnitude below (or above) both its neighbours:
+    '1,489' read as 1.489 between 1,500s. A ramp (PV at dawn: 0, 0.001, 2, 40) is not
+    one: a row is compared only when both neighbours and itself are positive."""
+    if len(values) < 3:
+        return
+    prev, mid, nxt = values[:-2], values[1:-1], values[2:]
+    positive = (prev > 0) & (mid > 0) & (nxt > 0)
+    safe = np.where(positive, mid, 1.0)
+    low = np.where(positive, np.minimum(prev, nxt) / safe, 1.0)  # mid far below both
+    high = np.where(positive, safe / np.where(positive, np.maximum(prev, nxt), 1.0), 1.0)
+    ratio = np.maximum(low, high)
+    jumps = np.flatnonzero(ratio >= _JUMP_FACTOR)
+    if len(jumps) == 0:
+        return
+    i = int(jumps[0])
+    pos = int(window[i + 1])
+    side = "smaller" if low[i] >= high[i] else "larger"
+    warnings.warn(
+        f"{ctx.path}: column {ctx.value_column!r}, {_row_ref(pos + 1)}: the value "
+        f"{str(raw.iloc[pos]).strip()!r} is {ratio[i]:.0f}x {side} than both its neighbours "
+        f"({len(jumps)} such row(s) in the site period). If it holds a thousands separator, "
+        "set csv.thousands (and csv.decimal); if the data are right, ignore this warning.",
+        PlausibilityWarning,
+        stacklevel=3,
+    )
 
 
 def _check_energy(ctx: _Ctx, energy_kwh: np.ndarray, window: np.ndarray, raw: pd.Series) -> None:
@@ -494,8 +545,9 @@ def _check_coverage(
         )
     elif 0 < counts[first] < rows_per_step:
         hint = (
-            f"That step has {counts[first]} of {rows_per_step} rows; if the file labels rows "
-            "by the end of their interval, shift its timestamps back by one row."
+            f"That step has {counts[first]} of {rows_per_step} rows: if the file labels each "
+            "row by the end of its interval (a meter export from 0:15 to 0:00), set "
+            "csv.timestamp_label=end."
         )
     else:
         hint = "Supply data for the whole period or shorten it (site.start, site.days)."
