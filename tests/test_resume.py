@@ -235,6 +235,12 @@ def test_resume_continues_the_same_run_to_total_timesteps(runs: Scenarios) -> No
     assert run.data.tags["resumed_from_steps"] == str(ppo.last.steps)
     assert run.data.tags["resumed_policy_digest"] == runs.ppo_digest
     assert "eval/co2_kg" in run.data.metrics
+    # Training time accumulates over the pieces: the killed attempt's time up to its
+    # checkpoint (saved in it) plus the resumed piece's.
+    first_piece = checkpoints.read_progress(ppo.last)
+    assert first_piece["train_pieces"] == 1 and first_piece["train_seconds"] > 0
+    assert run.data.metrics["time/train_pieces"] == 2
+    assert run.data.metrics["time/train_seconds"] > first_piece["train_seconds"]
 
 
 def test_resumed_metrics_have_every_step_once(runs: Scenarios) -> None:

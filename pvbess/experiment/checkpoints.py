@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # the values SB3's logger recorded since its last dump, e.g. the last update's
 # train/* losses, which it writes only at the next dump.
 LOGGER_MEMBER = "pvbess_logger_state.json"
+# The run's progress at the checkpoint: training seconds summed over the run's pieces
+# (an interrupted run and its resumes) and how many pieces made it.
+PROGRESS_MEMBER = "pvbess_progress.json"
 # What every SB3 model zip holds: the pickled attributes and the policy's weights.
 SB3_MEMBERS = frozenset({"data", "policy.pth"})
 TMP_PREFIX = ".tmp-"
@@ -73,8 +77,10 @@ class AtomicCheckpointCallback(BaseCallback):
         save_path: str | Path,
         name_prefix: str,
         stop: StopRequest | None = None,
+        progress: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         super().__init__()
+        self.progress = progress or dict
         self.buffer = buffer
         self.save_freq = save_freq
         self.save_path = Path(save_path)
@@ -150,6 +156,7 @@ class AtomicCheckpointCallback(BaseCallback):
         model.save(str(tmp["model"]))
         with zipfile.ZipFile(tmp["model"], "a") as z:
             z.writestr(LOGGER_MEMBER, json.dumps(logger_state(model.logger)))
+            z.writestr(PROGRESS_MEMBER, json.dumps(self.progress()))
         if "replay_buffer" in tmp:
             model.save_replay_buffer(str(tmp["replay_buffer"]))
         if "vecnormalize" in tmp:
@@ -187,6 +194,15 @@ def restore_logger_state(logger: Logger, state: dict[str, Any]) -> None:
     logger.name_to_count.update(state.get("counts", {}))
     for k, v in state.get("excluded", {}).items():
         logger.name_to_excluded[k] = tuple(v) if v else None
+
+
+def read_progress(ckpt: Checkpoint) -> dict[str, float]:
+    """What ``progress`` saved in a checkpoint ({} for one written before it existed)."""
+    with zipfile.ZipFile(ckpt.model_path) as z:
+        if PROGRESS_MEMBER not in z.namelist():
+            return {}
+        progress: dict[str, float] = json.loads(z.read(PROGRESS_MEMBER))
+        return progress
 
 
 def read_logger_state(ckpt: Checkpoint) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,15 +37,21 @@ def agent_name(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run (or resume) one experiment; return the evaluation KPIs."""
     run_id = None
-    if cfg.get("resume"):
-        from pvbess.experiment import resume
+    resume_value = cfg.get("resume") or _resumed_sweep_job(cfg)
+    if resume_value:
+        from pvbess.experiment import resume, sweep
 
-        target = resume.resume_target(str(cfg.resume), cfg)
+        if sweep.is_sweep_dir(Path(str(resume_value)).expanduser()):
+            code = sweep.resume_sweep(Path(str(resume_value)).expanduser())
+            if code != 0:
+                raise SystemExit(code)
+            return {}
+        target = resume.resume_target(str(resume_value), cfg)
         if target.finished_kpis is not None:
             log.info("run %s is FINISHED: nothing to resume", target.run_id)
             return target.finished_kpis
         ignored = cli.ignored_overrides()
-        if ignored:
+        if ignored and cfg.get("resume"):  # a resumed sweep's job repeats its own overrides
             log.warning("resuming keeps the run's own config; ignored: %s", " ".join(ignored))
         log.info("resuming run %s (status %s)", target.run_id, target.status)
         cfg, run_id = target.cfg, target.run_id
@@ -65,6 +72,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
     ):
         return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
+
+
+def _resumed_sweep_job(cfg: DictConfig) -> str | None:
+    """In a sweep relaunched by ``resume=<sweep dir>``: this job's folder, if it holds a run."""
+    import os
+
+    from pvbess.experiment.sweep import RESUME_ENV
+
+    if not os.environ.get(RESUME_ENV):
+        return None
+    from pvbess.experiment.resume import RUN_ID_FILE
+
+    out_dir = Path(cfg.paths.output_dir)
+    return str(out_dir) if (out_dir / RUN_ID_FILE).is_file() else None
 
 
 def run_experiment(
@@ -98,16 +119,40 @@ def run_experiment(
         gamma=float(cfg.agent.get("gamma", 0.99)),
     )
     mlflow.set_tags(envs.tags)
+    if config.is_learner(cfg.agent) and cfg.total_timesteps == 0:
+        mlflow.set_tag("untrained", "true")  # allowed by allow_untrained=true
     train_env, eval_env = envs.train, envs.evaluate
     start = time.perf_counter()
     model, ckpt = build_agent(cfg, train_env, name, out_dir, resuming=resuming)
+    # Training time and pieces summed over the run's pieces: an interrupted attempt's
+    # time up to its last checkpoint counts, the work it lost after it does not.
+    before = checkpoints_progress(ckpt)
+
+    def progress() -> dict[str, float]:
+        return {
+            "train_seconds": before.get("train_seconds", 0.0) + time.perf_counter() - start,
+            "train_pieces": before.get("train_pieces", 0.0) + 1,
+        }
+
     if getattr(model, "learns", True) and cfg.total_timesteps > 0:
-        learn(cfg, model, name, out_dir, run_id, ckpt, resuming=resuming, curve_env=envs.curve)
+        learn(
+            cfg,
+            model,
+            name,
+            out_dir,
+            run_id,
+            ckpt,
+            resuming=resuming,
+            curve_env=envs.curve,
+            progress=progress,
+        )
         tracking.log_model(model)
     # Setup and training (for a controller: its planning, e.g. the LP solve).
+    done = progress()
     mlflow.log_metrics(
         {
-            "time/train_seconds": time.perf_counter() - start,
+            "time/train_seconds": done["train_seconds"],
+            "time/train_pieces": done["train_pieces"],
             "time/train_steps": float(getattr(model, "num_timesteps", 0)),
         }
     )
@@ -128,6 +173,15 @@ def run_experiment(
 
     log.info("in context: %s", compare.context(run_id))
     return result.kpis
+
+
+def checkpoints_progress(ckpt: Checkpoint | None) -> dict[str, float]:
+    """The progress a resumed checkpoint carries ({} for a new run)."""
+    if ckpt is None:
+        return {}
+    from pvbess.experiment import checkpoints
+
+    return checkpoints.read_progress(ckpt)
 
 
 def build_agent(
@@ -180,6 +234,7 @@ def learn(
     ckpt: Checkpoint | None,
     resuming: bool,
     curve_env: Any = None,
+    progress: Callable[[], dict[str, float]] | None = None,
 ) -> None:
     """SB3's learn with MLflow logging, checkpoints and a learning curve (``eval_every``);
     a signal saves a checkpoint and stops."""
@@ -206,6 +261,7 @@ def learn(
             save_path=out_dir / "checkpoints",
             name_prefix=name,
             stop=stop,
+            progress=progress,
         )
         log.info("training %s from step %d to %d", name, model.num_timesteps, cfg.total_timesteps)
         model.learn(

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -49,6 +51,10 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
 MAX_PARAMS_PER_CALL = 100
+# What a sweep leaves in its folder so that ``resume=<sweep dir>`` can finish it.
+SWEEP_FILE = "sweep_run.json"
+# Set by resume_sweep for the relaunched sweep: the parent run it continues.
+RESUME_ENV = "PVBESS_RESUME_SWEEP"
 # The override keys that decide which experiment a job writes to.
 EXPERIMENT_KEYS = ("site", "tracking.experiment")
 
@@ -88,7 +94,7 @@ def start_parent(
         # The code's commit, wherever the outputs go ($PVBESS_ROOT may be elsewhere).
         "git_commit": tracking.git_commit(Path(pvbess.__file__).resolve().parent),
         "pvbess_version": pvbess.__version__,
-    }
+    } | tracking.process_tags()
     run = client.create_run(experiment_id, run_name=run_name, tags=base | tags)
     log_params(run.info.run_id, params)
     return run.info.run_id
@@ -145,6 +151,48 @@ def end_parent(parent_id: str, experiment_ids: Iterable[str], status: str | None
         len(runs),
         ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
     )
+
+
+def reopen_parent(run_id: str) -> str:
+    """A resumed sweep's parent: RUNNING again, owned by this process, its error cleared."""
+    from mlflow.tracking import MlflowClient
+
+    from pvbess.experiment import tracking
+
+    client = MlflowClient()
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tracking.process_tags().items():
+        client.set_tag(run_id, key, value)
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+    return run_id
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / SWEEP_FILE).is_file()
+
+
+def resume_sweep(sweep_dir: Path) -> int:
+    """Finish a sweep that was killed: relaunch it in its own folder under its parent run.
+
+    Each job whose folder holds a run resumes it (a FINISHED one returns at once), the
+    others start; the parent is closed with the children's counts. Returns the exit code.
+    """
+    saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    command = [
+        sys.executable,
+        "-m",
+        "pvbess.train",
+        "--multirun",
+        *saved["overrides"],
+        *saved["hydra_overrides"],
+        f"hydra.sweep.dir={sweep_dir.resolve()}",
+    ]
+    env = os.environ | {RESUME_ENV: saved["parent_run_id"]}
+    if saved.get("tracking_uri"):
+        env["MLFLOW_TRACKING_URI"] = saved["tracking_uri"]
+    log.info("resuming sweep %s: %s", sweep_dir, " ".join(command[2:]))
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def metric(key: str, value: float, step: int = 0) -> Metric:
@@ -214,11 +262,44 @@ class MlflowSweepCallback(Callback):
         from pvbess.experiment.tracking import PARENT_ENV
 
         overrides = [str(o) for o in config.hydra.overrides.task]
+        hydra_overrides = [
+            str(o)
+            for o in config.hydra.overrides.hydra
+            if not str(o).startswith("hydra.sweep.dir=")
+        ]
         ids = prepare_store(config, job_experiments(config, overrides))
         self.experiment_ids = list(ids.values())
         self.tracking_uri = mlflow.get_tracking_uri()
         size = sweep_size(config, overrides)
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        resumed = os.environ.get(RESUME_ENV, "").strip()
+        if resumed:
+            self.run_id = reopen_parent(resumed)
+            log.info("resuming sweep %s: MLflow parent run %s", sweep_dir, resumed)
+        else:
+            self.run_id = self._start(config, overrides, sweep_dir, size)
+            log.info("sweep of %s jobs: MLflow parent run %s", size, self.run_id)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(
+            json.dumps(
+                {
+                    "parent_run_id": self.run_id,
+                    "tracking_uri": self.tracking_uri,
+                    "overrides": overrides,
+                    "hydra_overrides": hydra_overrides,
+                },
+                indent=1,
+            )
+        )
+        os.environ[PARENT_ENV] = self.run_id
+        # Jobs composed here and run elsewhere get it through their own config.
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{PARENT_ENV}='{self.run_id}'")
+        atexit.register(self._died)
+
+    def _start(
+        self, config: DictConfig, overrides: list[str], sweep_dir: Path, size: int | None
+    ) -> str:
         choices = config.hydra.runtime.choices
         params: dict[str, Any] = _override_params(overrides)
         params["size"] = size if size is not None else "unknown"
@@ -229,13 +310,7 @@ class MlflowSweepCallback(Callback):
             "mlflow.note.content": "python -m pvbess.train --multirun " + " ".join(overrides),
         }
         name = f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
-        self.run_id = start_parent(config, self.experiment_ids[0], name, params, tags)
-        os.environ[PARENT_ENV] = self.run_id
-        # Jobs composed here and run elsewhere get it through their own config.
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{PARENT_ENV}='{self.run_id}'")
-        atexit.register(self._died)
-        log.info("sweep of %s jobs: MLflow parent run %s", size, self.run_id)
+        return start_parent(config, self.experiment_ids[0], name, params, tags)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:

@@ -8,9 +8,11 @@ unwritable folder raises :class:`TrackingError` within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +79,81 @@ def _hydra_job_num() -> str | None:
     return None if num is None else str(num)
 
 
+# What tells a RUNNING run whose process died from one still at work (same host only).
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "host", "pid", "pid_started"
+# How long a process waits for another to finish creating or upgrading a SQLite store.
+STORE_LOCK_TIMEOUT_S = 300.0
+
+
+def process_tags() -> dict[str, str]:
+    """The host, pid and process start time of this process (a run's liveness proof)."""
+    import psutil
+
+    pid = os.getpid()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(pid),
+        PID_STARTED_TAG: f"{psutil.Process(pid).create_time():.3f}",
+    }
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process named by ``process_tags`` still runs; None = cannot tell
+    (another host, or a run without the tags)."""
+    import psutil
+
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
+        return None
+    try:
+        started = psutil.Process(int(tags[PID_TAG])).create_time()
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    # A pid reused by a later process (or after a reboot) is not the run's process.
+    return abs(started - float(tags.get(PID_STARTED_TAG, "nan"))) < 1.0
+
+
+def close_stale_runs(client: MlflowClient | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run of this host whose process is gone (a kill -9, a
+    machine that died); return their ids. Runs of other hosts are left as they are."""
+    client = client or MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    running = client.search_runs(
+        experiments,
+        f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{socket.gethostname()}'",
+        max_results=50_000,
+    )
+    closed = []
+    for run in running:
+        if process_alive(run.data.tags) is not False:
+            continue
+        message = (
+            f"its process (pid {run.data.tags.get(PID_TAG)} on {run.data.tags.get(HOST_TAG)}) "
+            "ended without ending the run"
+        )
+        client.set_tag(run.info.run_id, "error", message)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        where = run.data.tags.get("output_dir") or run.data.tags.get("sweep_dir")
+        log.warning(
+            "run %s (%s) was RUNNING but %s: marked KILLED%s",
+            run.info.run_id,
+            run.info.run_name,
+            message,
+            f"; resume it with: python -m pvbess.train resume={where}" if where else "",
+        )
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores or in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path)
+
+
 def store_uri(root_dir: str | Path) -> str:
     """The project's store: sqlite under <root>/mlruns [absolute]."""
     path = Path(root_dir).resolve() / "mlruns"
@@ -88,10 +165,6 @@ def store_uri(root_dir: str | Path) -> str:
             "folder, set PVBESS_ROOT to another project root, or set tracking.uri"
         ) from exc
     return f"sqlite:///{path / 'mlflow.db'}"
-
-
-def artifact_root(root_dir: str | Path) -> str:
-    return (Path(root_dir).resolve() / "mlruns" / "artifacts").as_uri()
 
 
 def _reason(exc: BaseException) -> str:
@@ -139,7 +212,9 @@ def _check_artifact_folder(location: str | None) -> None:
     except OSError as exc:
         raise TrackingError(
             f"MLflow artifact folder {folder} is not writable ({_reason(exc)}); make it a "
-            "writable folder or set tracking.artifact_location"
+            "writable folder, or log to a new experiment with a writable artifact folder: "
+            "tracking.experiment=<new name> tracking.artifact_location=<writable folder> "
+            "(an experiment's artifact folder is fixed when the experiment is created)"
         ) from exc
 
 
@@ -148,32 +223,57 @@ def configure(
 ) -> str:
     """Point MLflow at the store and select (or create) the experiment; return its id.
 
-    Raises TrackingError when the store cannot be reached or written.
+    A SQLite store is created or upgraded under a file lock beside it: processes started
+    at the same moment on a new store would otherwise race through MLflow's table creation
+    (``table tags already exists``). Artifacts of a SQLite store go beside it
+    (``<store folder>/artifacts``) unless ``artifact_location`` says otherwise. RUNNING
+    runs of this host whose process died are marked KILLED. Raises TrackingError when the
+    store cannot be reached or written.
     """
+    from filelock import FileLock, Timeout
+
     tracking_uri = uri or store_uri(root_dir)
     if tracking_uri.startswith(("http://", "https://")):
         check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    if artifact_location is None and tracking_uri.startswith("sqlite:"):
-        artifact_location = artifact_root(root_dir)
+    db = _sqlite_path(tracking_uri)
+    if artifact_location is None and db is not None:
+        artifact_location = (db.resolve().parent / "artifacts").as_uri()
+    lock: Any = contextlib.nullcontext()
+    if db is not None:
+        try:
+            db.resolve().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow store folder {db.parent} cannot be created ({_reason(exc)}); make it "
+                "a writable folder or set tracking.uri"
+            ) from exc
+        lock = FileLock(f"{db.resolve()}.lock", timeout=STORE_LOCK_TIMEOUT_S)
     try:
-        client = MlflowClient()
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            exp_id = found.experiment_id
-        else:
-            location = None
-            if artifact_location is not None:
-                location = f"{artifact_location.rstrip('/')}/{experiment}"
-            try:
-                exp_id = client.create_experiment(experiment, artifact_location=location)
-            except MlflowException:  # created meanwhile by a parallel job
-                found = client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
+        with lock:
+            client = MlflowClient()
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
                 exp_id = found.experiment_id
+            else:
+                location = None
+                if artifact_location is not None:
+                    location = f"{artifact_location.rstrip('/')}/{experiment}"
+                try:
+                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                except MlflowException:  # created meanwhile by a job on another store lock
+                    found = client.get_experiment_by_name(experiment)
+                    if found is None:
+                        raise
+                    exp_id = found.experiment_id
         _check_artifact_folder(client.get_experiment(exp_id).artifact_location)
         mlflow.set_experiment(experiment_id=exp_id)
+        close_stale_runs(client)
+    except Timeout as exc:
+        raise TrackingError(
+            f"MLflow store {tracking_uri}: another process has held {exc.lock_file} for "
+            f"{STORE_LOCK_TIMEOUT_S:g} s; if none is running, delete that file"
+        ) from exc
     except (MlflowException, OSError) as exc:
         raise TrackingError(
             f"MLflow store {tracking_uri}: cannot open experiment {experiment!r} ({_reason(exc)})"
@@ -273,8 +373,11 @@ def start_run(
         if choice:
             tags["levers_preset"] = str(choice)
     tags |= parent_tags()  # a child of the sweep or search that started this job
+    tags |= process_tags()
     kwargs = {"run_id": run_id} if run_id else {"run_name": name, "tags": tags}
     with mlflow.start_run(**kwargs) as run:
+        if run_id:
+            mlflow.set_tags(process_tags())  # the resuming process is the one alive now
         if run_id and "error" in run.data.tags:
             # A previous attempt's error no longer describes this run.
             MlflowClient().delete_tag(run_id, "error")
