@@ -63,13 +63,22 @@ sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make swee
 tune: install ## Optuna search, best preset to conf/agent/: make tune ARGS="hparams_search=ppo_optuna site=tiny"
 	$(BIN)/python -m pvbess.tune $(ARGS)
 
-install-ray: install ## Add the Ray launcher (hydra/launcher=ray; downgrades cloudpickle to 2.2.1)
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,ray]'
+	touch $(RAY_STAMP)
 
+install-ray: $(RAY_STAMP) ## Add the Ray launcher (hydra/launcher=ray; downgrades cloudpickle to 2.2.1)
+
+# What CI runs: not the slow tests, nor those that need the ray extra or a browser.
+FAST := not slow and not ray and not ui
 test: install ## Run the fast test suite (what CI runs)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "$(FAST)" -q
 
-test-all: install ## Run every test, the slow ones too
+test-ray: install-ray ## The Ray tests: a local Ray head (token auth), a sweep and a search on it
+	$(BIN)/python -m pytest -m ray -q tests/test_ray.py
+
+test-all: install ## Run every test, the slow ones too (the ray and ui ones skip without their extras)
 	$(BIN)/python -m pytest -q
 
 parity: install ## Twin vs. CityLearn over the whole Iquitos year, step by step (the slow parity test)
@@ -96,4 +105,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-all lint bench ui clean
