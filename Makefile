@@ -101,8 +101,17 @@ ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
 
+PORT ?= 5000
+STORE ?= sqlite:///$(PVBESS_ROOT)/mlruns/mlflow.db
+ARTIFACTS ?= $(PVBESS_ROOT)/mlruns/artifacts
+WORKERS ?= 2
+server: install ## MLflow tracking server on 127.0.0.1:PORT (default 5000) for jobs elsewhere: runs in STORE (default: the project's), artifacts proxied to ARTIFACTS
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(PORT) --workers $(WORKERS) \
+	  --backend-store-uri $(STORE) \
+	  --serve-artifacts --artifacts-destination $(ARTIFACTS)
+
 clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ and .venv
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-all lint bench ui server clean
