@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pytest
 
 from pvbess.experiment import tracking
 
-from .conftest import child_env, run_module, store_client
+from .conftest import child_env, run_module, store_client, store_runs
 from .services import free_port, start_group, stop_group
 from .test_sweep import TINY, check_complete, check_sweep
 
@@ -98,3 +99,29 @@ def test_a_sweep_runs_on_the_ray_head(ray_head: RayHead) -> None:
     assert sorted(k.data.tags["seed"] for k in kids) == ["0", "1", "2", "3"]
     parent = client.get_run(kids[0].data.tags[tracking.PARENT_TAG])
     assert parent.data.tags["launcher"] == "ray"
+
+
+def test_a_search_runs_its_trials_on_the_ray_head(ray_head: RayHead) -> None:
+    """pvbess.tune with hydra/launcher=ray: each trial a one-job multirun on Ray, a child
+    run of the search's parent (no sweep parent of its own), the study complete."""
+    launcher = ["hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head.address}"]
+    args = ["hparams_search=ppo_optuna", *TINY, "agent.batch_size=32", "env.eval_backend=twin"]
+    args += ["tracking.experiment=tiny_tune", "tune.n_trials=2", "tune.n_jobs=2"]
+    args += ["tune.study_name=on_ray", "tune.preset=''", *launcher]
+    proc = run_module("pvbess.tune", args, ray_head.root, 600, ray_head.auth())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    logs = list(ray_head.root.glob("multirun/*/*_ppo_optuna/*/stdout.log"))
+    assert len(logs) == 2 and all("(_run_job pid=" in f.read_text() for f in logs)
+
+    storage = f"sqlite:///{ray_head.root}/mlruns/optuna.db"
+    study = optuna.load_study(study_name="on_ray", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    runs = store_runs(ray_head.root, "tiny_tune")
+    (parent,) = [r for r in runs if r.data.tags.get("kind") in ("sweep", "search")]
+    assert parent.data.tags["kind"] == "search" and parent.info.status == "FINISHED"
+    kids = [r for r in runs if r is not parent]
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    assert all(k.data.tags[tracking.PARENT_TAG] == parent.info.run_id for k in kids)
+    key = "eval/reward_total_mean"
+    values = {int(k.data.tags[tracking.JOB_TAG]): k.data.metrics[key] for k in kids}
+    assert values == pytest.approx({t.number: t.value for t in study.trials})
