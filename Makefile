@@ -75,6 +75,11 @@ FAST := not slow and not ray and not ui
 test: install ## Run the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -m "$(FAST)" -q
 
+test-ui: install ## The UI test: the MLflow UI in headless Chromium (installs Debian's chromium and the ui extra)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pip install -q -e '.[dev,ui]'
+	$(BIN)/python -m pytest -m ui -q tests/test_ui.py
+
 test-ray: install-ray ## The Ray tests: a local Ray head (token auth), a sweep and a search on it
 	$(BIN)/python -m pytest -m ray -q tests/test_ray.py
 
@@ -96,16 +101,21 @@ bench-study: install ## Time the README's commands in a temporary root, print a 
 
 .PHONY: bench-study ablation compare-tuned
 
-ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts
-
 PORT ?= 5000
 STORE ?= sqlite:///$(PVBESS_ROOT)/mlruns/mlflow.db
 ARTIFACTS ?= $(PVBESS_ROOT)/mlruns/artifacts
 WORKERS ?= 2
+# MLflow 3's UI opens in its GenAI view whatever an experiment's kind; this URL opens the
+# "Model training" view (runs table and charts), and the browser keeps the choice.
+UI_URL = http://127.0.0.1:$(PORT)/\#/experiments?workflowType=machine_learning
+ui: install ## MLflow UI on http://127.0.0.1:5000 (PORT) against the project's store (STORE, ARTIFACTS)
+	@echo "pvbess: open $(UI_URL)"
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) \
+	  --backend-store-uri $(STORE) \
+	  --default-artifact-root $(ARTIFACTS)
+
 server: install ## MLflow tracking server on 127.0.0.1:PORT (default 5000) for jobs elsewhere: runs in STORE (default: the project's), artifacts proxied to ARTIFACTS
+	@echo "pvbess: tracking.uri=http://127.0.0.1:$(PORT); open $(UI_URL)"
 	$(BIN)/mlflow server --host 127.0.0.1 --port $(PORT) --workers $(WORKERS) \
 	  --backend-store-uri $(STORE) \
 	  --serve-artifacts --artifacts-destination $(ARTIFACTS)
@@ -114,4 +124,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-all lint bench ui server clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-ui test-all lint bench ui server clean

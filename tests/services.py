@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,3 +62,17 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def make_command(root: Path, target: str, **variables: str) -> list[str]:
+    """The MLflow command ``make <target>`` runs (read from ``make -n``, nothing run), with
+    this Python's mlflow: a test starts exactly what the Makefile starts."""
+    args = [f"{k}={v}" for k, v in variables.items()] + ["VENV=/nonexistent"]
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-C", str(root), target, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    (line,) = [x for x in dry.splitlines() if x.startswith("/nonexistent/bin/mlflow ")]
+    return [str(Path(sys.executable).with_name("mlflow")), *shlex.split(line)[1:]]

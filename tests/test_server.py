@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,21 +13,13 @@ from mlflow.tracking import MlflowClient
 from pvbess.experiment import tracking
 
 from .conftest import ROOT, artifact_paths, child_env, run_module
-from .services import answers, free_port, start_group, stop_group, wait_for
+from .services import answers, free_port, make_command, start_group, stop_group, wait_for
 from .test_sweep import ARTIFACTS, TINY
 
 
 def server_command(port: int, store: str, artifacts: Path) -> list[str]:
-    """The command ``make server`` runs (read from ``make -n``), with this Python's mlflow."""
-    args = [f"PORT={port}", f"STORE={store}", f"ARTIFACTS={artifacts}", "VENV=/nonexistent"]
-    dry = subprocess.run(
-        ["make", "--no-print-directory", "-n", "-C", str(ROOT), "server", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.replace("\\\n", " ")
-    (line,) = [x for x in dry.splitlines() if x.startswith("/nonexistent/bin/mlflow server")]
-    return [str(Path(sys.executable).with_name("mlflow")), *shlex.split(line)[1:]]
+    """The command ``make server`` runs."""
+    return make_command(ROOT, "server", PORT=str(port), STORE=store, ARTIFACTS=str(artifacts))
 
 
 @pytest.fixture()

@@ -173,12 +173,27 @@ def configure(
                     raise
                 exp_id = found.experiment_id
         _check_artifact_folder(client.get_experiment(exp_id).artifact_location)
+        mark_model_training(client, exp_id)
         mlflow.set_experiment(experiment_id=exp_id)
     except (MlflowException, OSError) as exc:
         raise TrackingError(
             f"MLflow store {tracking_uri}: cannot open experiment {experiment!r} ({_reason(exc)})"
         ) from exc
     return exp_id
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment ``mlflow.experimentKind=custom_model_development``.
+
+    MLflow 3's UI opens an untagged experiment in its GenAI view, where training runs
+    sit under "Evaluation runs"; tagged, it opens on the runs table and charts. Set on
+    experiments made before this tag when they are next used; a kind chosen in the UI
+    (not merely inferred by it) is kept.
+    """
+    key = "mlflow.experimentKind"
+    kind = client.get_experiment(experiment_id).tags.get(key, "")
+    if not kind or "inferred" in kind:
+        client.set_experiment_tag(experiment_id, key, "custom_model_development")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
