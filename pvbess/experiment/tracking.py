@@ -185,10 +185,11 @@ def configure(
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
     """Tag the experiment ``mlflow.experimentKind=custom_model_development``.
 
-    MLflow 3's UI opens an untagged experiment in its GenAI view, where training runs
-    sit under "Evaluation runs"; tagged, it opens on the runs table and charts. Set on
-    experiments made before this tag when they are next used; a kind chosen in the UI
-    (not merely inferred by it) is kept.
+    MLflow's mark of a model-training experiment, which its UI shows as the experiment's
+    kind and, where its GenAI / Model training switch is off, opens on the runs table
+    and charts rather than the GenAI view (MLflow 3.17.2's switch wins: ``make ui``
+    prints the Model training URL). Set on experiments made before this tag when they
+    are next used; a kind chosen in the UI (not merely inferred by it) is kept.
     """
     key = "mlflow.experimentKind"
     kind = client.get_experiment(experiment_id).tags.get(key, "")
