@@ -63,13 +63,27 @@ sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make swee
 tune: install ## Optuna search, best preset to conf/agent/: make tune ARGS="hparams_search=ppo_optuna site=tiny"
 	$(BIN)/python -m pvbess.tune $(ARGS)
 
-install-ray: install ## Add the Ray launcher (hydra/launcher=ray; downgrades cloudpickle to 2.2.1)
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,ray]'
+	touch $(RAY_STAMP)
 
+install-ray: $(RAY_STAMP) ## Add the Ray launcher (hydra/launcher=ray; downgrades cloudpickle to 2.2.1)
+
+# What CI runs: not the slow tests, nor those that need the ray extra or a browser.
+FAST := not slow and not ray and not ui
 test: install ## Run the fast test suite (what CI runs)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "$(FAST)" -q
 
-test-all: install ## Run every test, the slow ones too
+test-ui: install ## The UI test: the MLflow UI in headless Chromium (installs Debian's chromium and the ui extra)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pip install -q -e '.[dev,ui]'
+	$(BIN)/python -m pytest -m ui -q tests/test_ui.py
+
+test-ray: install-ray ## The Ray tests: a local Ray head (token auth), a sweep and a search on it
+	$(BIN)/python -m pytest -m ray -q tests/test_ray.py
+
+test-all: install ## Run every test, the slow ones too (the ray and ui ones skip without their extras)
 	$(BIN)/python -m pytest -q
 
 parity: install ## Twin vs. CityLearn over the whole Iquitos year, step by step (the slow parity test)
@@ -87,13 +101,27 @@ bench-study: install ## Time the README's commands in a temporary root, print a 
 
 .PHONY: bench-study ablation compare-tuned
 
-ui: install ## MLflow UI on http://127.0.0.1:5000 against the project's store
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+PORT ?= 5000
+STORE ?= sqlite:///$(PVBESS_ROOT)/mlruns/mlflow.db
+ARTIFACTS ?= $(PVBESS_ROOT)/mlruns/artifacts
+WORKERS ?= 2
+# MLflow 3's UI opens in its GenAI view whatever an experiment's kind; this URL opens the
+# "Model training" view (runs table and charts), and the browser keeps the choice.
+UI_URL = http://127.0.0.1:$(PORT)/\#/experiments?workflowType=machine_learning
+ui: install ## MLflow UI on http://127.0.0.1:5000 (PORT) against the project's store (STORE, ARTIFACTS)
+	@echo "pvbess: open $(UI_URL)"
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) \
+	  --backend-store-uri $(STORE) \
+	  --default-artifact-root $(ARTIFACTS)
+
+server: install ## MLflow tracking server on 127.0.0.1:PORT (default 5000) for jobs elsewhere: runs in STORE (default: the project's), artifacts proxied to ARTIFACTS
+	@echo "pvbess: tracking.uri=http://127.0.0.1:$(PORT); open $(UI_URL)"
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(PORT) --workers $(WORKERS) \
+	  --backend-store-uri $(STORE) \
+	  --serve-artifacts --artifacts-destination $(ARTIFACTS)
 
 clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ and .venv
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-all lint bench ui clean
+.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-ui test-all lint bench ui server clean

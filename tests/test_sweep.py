@@ -78,6 +78,17 @@ def test_parent_tags_only_inside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> Non
     assert tracking.parent_tags() == {"mlflow.parentRunId": "abc123", "sweep_job": "7"}
 
 
+def test_experiments_are_tagged_when_next_used(tmp_path: Path) -> None:
+    """An experiment made before the tag existed gets it when a run next uses it."""
+    client = store_client(tmp_path)
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    client.create_experiment("tiny", artifact_location=f"{tmp_path}/mlruns/artifacts/tiny")
+    assert "mlflow.experimentKind" not in client.get_experiment_by_name("tiny").tags
+    tracking.configure(None, tmp_path, "tiny")
+    tags = MlflowClient().get_experiment_by_name("tiny").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def _hydra_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)

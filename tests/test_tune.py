@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pvbess import config
-from pvbess.experiment import tracking, tune
+from pvbess.experiment import launch, tracking, tune
 
-from .conftest import CONF, ROOT, artifact_paths, child_env, run_module, store_client
+from .conftest import CONF, ROOT, artifact_paths, child_env, run_module, store_client, store_runs
+from .services import start_group, wait_for
 from .test_sweep import TINY, check_complete, family
 
 PARSER = OverridesParser.create()
@@ -111,6 +112,21 @@ def test_plan_refuses_bad_input(args: list[str], message: str, tmp_path, monkeyp
     monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
     with pytest.raises(tune.TuneError, match=message):
         tune.make_plan(args)
+
+
+def test_launcher_overrides_choose_where_trials_run_not_the_study(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PVBESS_ROOT", str(tmp_path))
+    ray = ["hydra/launcher=ray", "hydra.launcher.ray.init.address=10.0.0.1:6379"]
+    plan = tune.make_plan(["hparams_search=ppo_optuna", *ray])
+    assert plan.launcher == ray and plan.fixed == ["agent=ppo", "site.seed=4"]
+    command = launch.trial_command(plan.launcher, plan.fixed, "'/t/3'", "'ppo-t3'", "abc", 3)
+    assert command[3:6] == ["--multirun", *ray]
+    assert "~hydra.callbacks.mlflow_sweep" in command  # no sweep parent run of its own
+    assert "++hydra.job.env_set.PVBESS_PARENT_RUN_ID='abc'" in command
+    assert "++hydra.job.env_set.PVBESS_SWEEP_JOB='3'" in command
+    assert "hydra.sweep.dir='/t/3'" in command and "hydra.sweep.subdir=." in command
+    local = launch.trial_command([], plan.fixed, "'/t/3'", "'ppo-t3'", "abc", 3)
+    assert "--multirun" not in local and "hydra.run.dir='/t/3'" in local
 
 
 def test_a_study_continues_only_with_the_same_overrides(tmp_path, monkeypatch) -> None:
@@ -220,3 +236,54 @@ def test_ctrl_c_stops_the_trials(tmp_path: Path) -> None:
     parent, kids = family(tmp_path)
     assert parent.info.status == "KILLED"
     assert sorted(k.info.status for k in kids) == ["KILLED", "KILLED"]
+
+
+def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
+    """kill -9 of the search (and its running trial) after a trial completed; the same
+    command with its study name runs only the missing trials up to tune.n_trials."""
+    args = ["hparams_search=ppo_optuna", *TINY, "agent.batch_size=32", "env.eval_backend=twin"]
+    # A heartbeat of 1 s: the killed trial is found stale 2 s after the kill, and retried.
+    args += ["tune.n_trials=3", "tune.study_name=resumed", "tune.heartbeat_s=1", "tune.preset=''"]
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    log = tmp_path / "first.log"
+    first = start_group(
+        [sys.executable, "-m", "pvbess.tune", *args], child_env(tmp_path), log, ROOT
+    )
+    try:
+        wait_for(lambda: _complete(tmp_path, storage) >= 1, "a complete trial", log, 300)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the search and its running trial, at once
+        first.wait()
+    before = {t.number: t for t in _trials(storage) if t.state.name == "COMPLETE"}
+    assert 1 <= len(before) < 3
+
+    proc = run_module("pvbess.tune", args, tmp_path, 600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    trials = _trials(storage)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3  # the total, not 3 more
+    for number, old in before.items():  # kept as they were, not run again
+        new = trials[number]
+        assert (new.state, new.value, new.datetime_complete) == (
+            old.state,
+            old.value,
+            old.datetime_complete,
+        )
+    assert all(t.state.name != "RUNNING" for t in trials)  # the killed one failed as stale
+    # One finished MLflow run per complete trial, none twice.
+    runs = store_runs(tmp_path, without=("search",))
+    finished = sorted(
+        int(r.data.tags[tracking.JOB_TAG]) for r in runs if r.info.status == "FINISHED"
+    )
+    assert finished == sorted(t.number for t in complete)
+
+
+def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="resumed", storage=storage).trials
+
+
+def _complete(root: Path, storage: str) -> int:
+    """Complete trials so far; 0 before the first trial starts (the study exists then)."""
+    if not list(root.glob("multirun/*/*/*/stdout.log")):
+        return 0
+    return sum(t.state.name == "COMPLETE" for t in _trials(storage))

@@ -267,6 +267,7 @@ def configure(
                         raise
                     exp_id = found.experiment_id
         _check_artifact_folder(client.get_experiment(exp_id).artifact_location)
+        mark_model_training(client, exp_id)
         mlflow.set_experiment(experiment_id=exp_id)
         close_stale_runs(client)
     except Timeout as exc:
@@ -279,6 +280,21 @@ def configure(
             f"MLflow store {tracking_uri}: cannot open experiment {experiment!r} ({_reason(exc)})"
         ) from exc
     return exp_id
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment ``mlflow.experimentKind=custom_model_development``.
+
+    MLflow's mark of a model-training experiment, which its UI shows as the experiment's
+    kind and, where its GenAI / Model training switch is off, opens on the runs table
+    and charts rather than the GenAI view (MLflow 3.17.2's switch wins: ``make ui``
+    prints the Model training URL). Set on experiments made before this tag when they
+    are next used; a kind chosen in the UI (not merely inferred by it) is kept.
+    """
+    key = "mlflow.experimentKind"
+    kind = client.get_experiment(experiment_id).tags.get(key, "")
+    if not kind or "inferred" in kind:
+        client.set_experiment_tag(experiment_id, key, "custom_model_development")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

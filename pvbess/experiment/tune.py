@@ -17,7 +17,10 @@ Hydra's OverridesParser reads the space; Optuna runs the study
 ``python -m pvbess.train`` process, an MLflow child run of the search's parent
 run; ``catch`` fails a trial and goes on; a callback reports it) and keeps it in
 its RDB storage, ``<root>/mlruns/optuna.db`` (``tune.storage=<url>``);
-``tune.study_name=<name>`` continues a study with the same overrides and space.
+``tune.study_name=<name>`` continues a study with the same overrides and space up
+to ``n_trials`` complete trials (after a kill, or from several machines at once: a
+shared database URL); ``hydra/launcher=<name>`` runs the trials through a Hydra
+launcher (Ray), see ``pvbess.experiment.launch``.
 The best values go to the parent (``best.<key>``, ``best/<objective>``) and to
 the preset ``<root>/conf/agent/<agent>_tuned.yaml`` (``agent=<agent>_tuned``).
 Ctrl-C or SIGTERM stops the trials (each saves a checkpoint; killed after 60 s),
@@ -31,7 +34,6 @@ current Optuna with a persistent study.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -61,7 +63,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from pvbess import config
-from pvbess.experiment import signals, sweep, tracking
+from pvbess.experiment import launch, signals, sweep, tracking
 
 log = logging.getLogger("pvbess.tune")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -90,10 +92,13 @@ class SearchConfig:
     agent: str = MISSING
     objective: str = "reward_total_mean"  # a key of the evaluation's KPIs (result.json)
     direction: str = "maximize"  # or minimize
-    n_trials: int = 20  # trials to run now (a continued study adds these)
+    n_trials: int = 20  # complete trials the study ends with (a continued one runs the missing)
     n_jobs: int = 1  # trials at once, each a process
     study_name: str | None = None  # None: <search>-<site>-<date>_<time>; an existing one continues
     storage: str | None = None  # None: sqlite:///<root>/mlruns/optuna.db
+    # Seconds between a running trial's signs of life in the storage; a trial silent for
+    # twice that (its process was killed) is failed and retried once. None: no heartbeat.
+    heartbeat_s: int | None = 60
     preset: str | None = None  # None: <agent>_tuned; "": write none
     # Trials are evaluated on this site seed's year, neither a training year nor the
     # evaluation year (site.seed, 0): the search never sees the year results are shown on.
@@ -188,6 +193,7 @@ class Plan:
     study_dir: Path  # <root>/multirun/<date>/<time>_<name>
     stamp: str  # <date>_<time> of the start
     argv: list[str]
+    launcher: list[str] = field(default_factory=list)  # hydra/launcher=..., hydra.launcher.*
 
     @property
     def preset_name(self) -> str | None:
@@ -236,8 +242,11 @@ def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
     fixed = [f"agent={search.agent}"]
     if search.validation_seed is not None and all(o.key_or_group != "site.seed" for o in overrides):
         fixed.append(f"site.seed={search.validation_seed}")
+    launcher = [str(o.input_line) for o in overrides if launch.is_launcher_override(o.key_or_group)]
     for o in overrides:
-        if o.key_or_group in ("hydra.run.dir", "tracking.run_name"):
+        if launch.is_launcher_override(o.key_or_group):
+            continue  # where the trials run, not what they are: not in the study's identity
+        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir", "tracking.run_name"):
             raise TuneError(f"{o.input_line}: set by pvbess.tune for each trial")
         if o.key_or_group == "agent" and not o.is_sweep_override():
             if o.value() != search.agent:
@@ -263,14 +272,14 @@ def make_plan(argv: Sequence[str], now: datetime | None = None) -> Plan:
             config.validate(compose("train", [*fixed, *low, "paths.output_dir=/nonexistent"]))
     except (HydraException, OmegaConfBaseException, config.ConfigError) as exc:
         raise TuneError(f"the trials' config does not compose: {exc}") from exc
-    return Plan(name, search, dims, fixed, cfg, root, study_dir, stamp, list(argv))
+    return Plan(name, search, dims, fixed, cfg, root, study_dir, stamp, list(argv), launcher)
 
 
 class Trials:
     """The objective: a trial is a ``python -m pvbess.train`` process; a signal stops them all."""
 
-    def __init__(self, plan: Plan, parent_id: str) -> None:
-        self.plan, self.parent_id, self.finished = plan, parent_id, 0
+    def __init__(self, plan: Plan, parent_id: str, exp_id: str) -> None:
+        self.plan, self.parent_id, self.exp_id, self.finished = plan, parent_id, exp_id, 0
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stopper: threading.Thread | None = None  # started by the first stop signal
         self.lock = threading.Lock()
@@ -292,9 +301,14 @@ class Trials:
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("trial_dir", str(trial_dir))
         log.info("trial %d: %s", n, " ".join(overrides))
-        command = [sys.executable, "-m", "pvbess.train", *plan.fixed, *overrides]
-        command += [f"hydra.run.dir={format_value(str(trial_dir))}"]
-        command += [f"tracking.run_name={format_value(f'{name}-t{n}')}"]
+        command = launch.trial_command(
+            plan.launcher,
+            [*plan.fixed, *overrides],
+            format_value(str(trial_dir)),
+            format_value(f"{name}-t{n}"),
+            self.parent_id,
+            n,
+        )
         env = dict(os.environ, **{tracking.PARENT_ENV: self.parent_id, tracking.JOB_ENV: str(n)})
         if plan.search.n_jobs > 1:  # as joblib does: share the cores, no oversubscription
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -308,16 +322,12 @@ class Trials:
         if code := proc.wait():
             tail = stdout.read_text(errors="replace").strip().splitlines()[-15:]
             raise TrialFailed(f"exit {code}; {stdout}:\n  " + "\n  ".join(tail))
-        result, objective = trial_dir / "result.json", plan.search.objective
         try:
-            kpis = json.loads(result.read_text())["kpis"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise TrialFailed(f"no KPIs in {result}: {exc}") from exc
-        if objective not in kpis:
-            raise TrialFailed(f"no KPI {objective!r} (known: {', '.join(sorted(kpis))})")
-        if not math.isfinite(value := float(kpis[objective])):
-            raise TrialFailed(f"{objective} = {value}")
-        return value
+            return launch.objective_value(
+                trial_dir, plan.search.objective, self.parent_id, n, self.exp_id
+            )
+        except (OSError, LookupError, ValueError) as exc:
+            raise TrialFailed(f"{trial_dir}: {exc}") from exc
 
     def report(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's callback after each trial: the parent's trial/ and best/ curves, progress."""
@@ -357,7 +367,7 @@ class Trials:
                 proc.wait()
 
 
-def open_study(plan: Plan, storage: str) -> optuna.Study:
+def open_study(plan: Plan, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
     """A new study, or the named one if it exists and searches the same way."""
     s = plan.search
     name = s.study_name or f"{plan.name}-{plan.cfg.site.name}-{plan.stamp}"
@@ -374,33 +384,44 @@ def open_study(plan: Plan, storage: str) -> optuna.Study:
         for k, v in attrs.items():
             study.set_user_attr(k, v)
     ran = {**study.user_attrs, "direction": study.direction.name.lower()}
+    where = getattr(storage, "url", storage)
     for k, v in {**attrs, "direction": s.direction}.items():
         if ran.get(k) != v:
             raise TuneError(
-                f"study {name!r} in {storage} was run with {k} = {ran.get(k)!r}, not {v!r}: "
+                f"study {name!r} in {where} was run with {k} = {ran.get(k)!r}, not {v!r}: "
                 "its trials are not comparable; choose another tune.study_name"
             )
     return study
 
 
 def run(plan: Plan) -> int:
-    """Run the search; 0 when at least one trial finished, 1 when none did, 130 on a stop."""
+    """Run the search; 0 when a trial finished (or the study had all its trials), 1 when
+    none did, 130 on a stop."""
     (plan.root / "mlruns").mkdir(parents=True, exist_ok=True)
     s = plan.search
     storage = s.storage or f"sqlite:///{plan.root / 'mlruns' / 'optuna.db'}"
-    study = open_study(plan, storage)
+    study = open_study(plan, launch.storage(storage, s.heartbeat_s))
     parent_id, exp_id = start_parent(plan, study, storage)
-    msg = "study %r (%s, %d trials so far) in %s; MLflow parent run %s; trials in %s"
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    msg = "study %r (%s, %d of %d trials complete) in %s; MLflow parent run %s; trials in %s"
     log.info(
-        msg, study.study_name, s.direction, len(study.trials), storage, parent_id, plan.study_dir
+        msg, study.study_name, s.direction, done, s.n_trials, storage, parent_id, plan.study_dir
     )
-    trials, status, code = Trials(plan, parent_id), "FAILED", 1
+    trials, status, code = Trials(plan, parent_id, exp_id), "FAILED", 1
+    # Up to n_trials complete ones in all: this process runs the missing trials at most,
+    # and stops when processes sharing the study (other machines) have completed them.
+    enough = optuna.study.MaxTrialsCallback(s.n_trials, states=(TrialState.COMPLETE,))
     with signals.handling(trials.on_signal):  # until the end: a second signal is ignored
         try:
-            study.optimize(
-                trials, s.n_trials, n_jobs=s.n_jobs, catch=TrialFailed, callbacks=[trials.report]
-            )
-            if trials.finished:
+            if done < s.n_trials:
+                study.optimize(
+                    trials,
+                    s.n_trials - done,
+                    n_jobs=s.n_jobs,
+                    catch=TrialFailed,
+                    callbacks=[trials.report, enough],
+                )
+            if trials.finished or done >= s.n_trials:
                 finish(plan, study, parent_id, exp_id)
                 status, code = "FINISHED", 0
             else:
