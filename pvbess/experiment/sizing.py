@@ -406,10 +406,17 @@ def _evaluate(job: Job) -> dict[str, Any]:
     from pvbess.experiment.run import agent_name
     from pvbess.site import dataset
 
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
     cfg = OmegaConf.merge(OmegaConf.structured(config.TrainConfig), job.container)
     assert isinstance(cfg, DictConfig)
     typed = config.validate(cfg)
     data = dataset.build(typed.site, cfg.paths.data_dir)
+    seconds = {"build": lap()}
     with tracking.start_run(cfg, data.data_hash, agent_name(cfg)) as run:
         tracking.log_config(cfg)
         mlflow.set_tags(
@@ -424,8 +431,11 @@ def _evaluate(job: Job) -> dict[str, Any]:
             learning_curve=False,
         )
         mlflow.set_tags(envs.tags)
+        seconds["start_run"] = lap()
         model = instantiate(cfg.agent, _convert_="all")(env=envs.train, seed=cfg.seed, device="cpu")
+        seconds["controller"] = lap()  # the optimum's solve, for agent=optimal
         result = evaluation.evaluate(envs.evaluate, model, seed=cfg.seed, progress=False)
+        seconds["evaluate"] = lap()
         checked = {f"eval/{k}": v for k, v in result.kpis.items()}
         mlflow.log_metrics(checked)
         if hasattr(model, "metrics"):  # the optimum's lp/*, the MPC's mpc/*
@@ -435,6 +445,15 @@ def _evaluate(job: Job) -> dict[str, Any]:
         checks.act(checked)
         figures = annual_figures(result.kpis, job.design, job.costs)
         mlflow.log_metrics({f"size/{k}": v for k, v in figures.items()})
+        seconds["log"] = lap()
+        mlflow.log_metrics({f"time/size_{k}_seconds": v for k, v in seconds.items()})
+        log.info(
+            "design %d (%s), %s: %s",
+            job.candidate,
+            job.label,
+            job.controller,
+            ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+        )
         return figures | {"run_id": run.info.run_id, "data_hash": data.data_hash}
 
 
