@@ -776,7 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = make_plan(args)
         plan.report_dir.mkdir(parents=True, exist_ok=True)
-        logging.getLogger().addHandler(logging.FileHandler(plan.report_dir / "size.log"))
+        handler = logging.FileHandler(plan.report_dir / "size.log")
+        handler.setFormatter(logging.Formatter(fmt))
+        logging.getLogger().addHandler(handler)
         return run(plan)
     except Exception as exc:
         from pvbess.experiment import cli
