@@ -63,6 +63,9 @@ sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make swee
 tune: install ## Optuna search, best preset to conf/agent/: make tune ARGS="hparams_search=ppo_optuna site=tiny"
 	$(BIN)/python -m pvbess.tune $(ARGS)
 
+size: install ## Sizing: CO2 and annual cost per design, Pareto front: make size ARGS="site.bess.capacity_kwh=0,1700,3400 site.pv.ac_kw=1670,3300"
+	$(BIN)/python -m pvbess.size $(ARGS)
+
 RAY_STAMP := $(VENV)/.installed-ray
 $(RAY_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,ray]'
@@ -124,4 +127,4 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	rm -rf experiments multirun data .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install run train site compare compare-all sweep tune install-ray parity test test-ray test-ui test-all lint bench ui server clean
+.PHONY: help install run train site compare compare-all sweep tune size install-ray parity test test-ray test-ui test-all lint bench ui server clean

@@ -196,10 +196,14 @@ class BessConfig:
     max_c_rate_per_h: float = 1.0
 
     def check(self) -> None:
+        # capacity_kwh = 0 is the site without a battery (power_kw must then be 0 too, by the
+        # C-rate rule below): a real design option (pvbess.size), not an error.
         _require(
-            self.capacity_kwh > 0, "site.bess.capacity_kwh", f"must be > 0, got {self.capacity_kwh}"
+            self.capacity_kwh >= 0,
+            "site.bess.capacity_kwh",
+            f"must be >= 0, got {self.capacity_kwh}",
         )
-        _require(self.power_kw > 0, "site.bess.power_kw", f"must be > 0, got {self.power_kw}")
+        _require(self.power_kw >= 0, "site.bess.power_kw", f"must be >= 0, got {self.power_kw}")
         _require(
             0 <= self.soc_min_frac < self.soc_max_frac <= 1,
             "site.bess.soc_min_frac/soc_max_frac",

@@ -24,6 +24,12 @@ from pvbess.site.battery import one_way_efficiency_frac
 from pvbess.units import STEP_HOURS
 
 
+def _per_rating(energy_kwh: Any, rating_kwh: float) -> Any:
+    """A battery energy per step [kWh] as its action (/ the rating per step); 0 without a
+    battery (power 0: capacity_kwh = 0, the design without one)."""
+    return energy_kwh / rating_kwh if rating_kwh > 0 else energy_kwh * 0.0
+
+
 class Controller:
     """Shared plumbing: the unwrapped env, the action's shape, the vehicles' energy needs."""
 
@@ -178,7 +184,7 @@ class RuleBased(Controller):
                 limit_kwh, floor_kwh = self.offpeak_discharge_kwh, self.reserve_kwh
             available_kwh = max(stored - floor_kwh, 0.0) * self.eta  # grid side
             bess_kwh = -min(-residual_kwh, limit_kwh, available_kwh)
-        return self._action(bess_kwh / self.bess_power_kw, sockets), None
+        return self._action(_per_rating(bess_kwh, self.bess_power_kw * STEP_HOURS), sockets), None
 
 
 class Optimal(Controller):
@@ -215,7 +221,7 @@ class Optimal(Controller):
         bess_net_kwh = s.bess_charge_kwh - s.bess_discharge_kwh
         self.actions = np.column_stack(
             [
-                bess_net_kwh / (self.bess_power_kw * STEP_HOURS),
+                _per_rating(bess_net_kwh, self.bess_power_kw * STEP_HOURS),
                 (s.ev_grid_kwh / self.socket_kwh).T,
             ]
         ).astype(np.float32)
@@ -234,4 +240,4 @@ class Optimal(Controller):
         return out
 
 
-__all__ = ["Controller", "Optimal", "RuleBased", "Uncontrolled"]
+__all__ = ["Controller", "Optimal", "RuleBased", "Uncontrolled", "_per_rating"]

@@ -537,7 +537,9 @@ def compare_with_history(solution: Solution, ts: pd.DataFrame, p: Problem) -> di
     """
     s = solution.schedule
     n = len(ts)
-    soc_frac = s.bess_energy_kwh[:n] / p.ceiling_kwh
+    # No battery (capacity 0): the SOC is 0 throughout.
+    stored_kwh = s.bess_energy_kwh[:n]
+    soc_frac = stored_kwh / p.ceiling_kwh if p.ceiling_kwh > 0 else 0.0 * stored_kwh
     co2_lp = float(s.co2_kg[:n].sum())
     co2_env = float(ts["co2_kg"].sum())
     return {

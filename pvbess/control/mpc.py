@@ -59,7 +59,7 @@ import pandas as pd
 
 from pvbess.config import ConfigError
 from pvbess.control import optimal
-from pvbess.control.controllers import Controller
+from pvbess.control.controllers import Controller, _per_rating
 from pvbess.site import forecast as site_forecast
 from pvbess.units import STEP_HOURS
 
@@ -295,7 +295,10 @@ class Mpc(Controller):
         departure = np.minimum(departure, n_w)
         # Forecast vehicles on virtual sockets beyond the site's, one each.
         socket = np.concatenate([sockets, p.n_sockets + np.arange(f.arrival.size)])
-        bess = replace(p.bess, initial_soc_frac=stored_kwh / p.bess.capacity_kwh)
+        # Without a battery (capacity 0) nothing is stored: keep the config's fraction.
+        cap_kwh = p.bess.capacity_kwh
+        soc_frac = stored_kwh / cap_kwh if cap_kwh > 0 else p.bess.initial_soc_frac
+        bess = replace(p.bess, initial_soc_frac=soc_frac)
         final = stored_kwh if self.terminal == "start" and end < p.n_steps else None
         problem = replace(
             p,
@@ -358,8 +361,8 @@ class Mpc(Controller):
         with _quiet(self._optimal_log):
             sol = optimal.solve(w.problem, **self.solve_options)
         s = sol.schedule
-        self._plan_bess = (s.bess_charge_kwh - s.bess_discharge_kwh) / (
-            self.bess_power_kw * STEP_HOURS
+        self._plan_bess = _per_rating(
+            s.bess_charge_kwh - s.bess_discharge_kwh, self.bess_power_kw * STEP_HOURS
         )
         self._plan_ev_kwh = self._socket_plan(w, s.ev_grid_kwh)
         self._plan_t0 = t

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pvbess.config import ConfigError
 from pvbess.sim.step import observation_scaling
 from pvbess.site.dataset import SiteDataset
 
@@ -22,6 +23,12 @@ class CityLearnBackend:
     def __init__(self, dataset: SiteDataset, seed: int | None = None) -> None:
         from citylearn.citylearn import CityLearnEnv  # slow import, kept local
 
+        if dataset.site.bess.capacity_kwh <= 0:
+            # CityLearn refuses a battery action without a battery; the twin models it.
+            raise ConfigError(
+                "env.eval_backend: site.bess.capacity_kwh=0 (no battery) runs on the twin only: "
+                "use env.eval_backend=twin (CityLearn refuses a battery action without a battery)"
+            )
         self.dataset = dataset
         self.env = CityLearnEnv(str(dataset.schema_path), central_agent=True, random_seed=seed)
         self.building = self.env.buildings[0]

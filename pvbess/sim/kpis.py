@@ -66,7 +66,10 @@ def compute(ts: pd.DataFrame, usable_capacity_kwh: float) -> dict[str, float]:
         # Mean absolute change of import power between consecutive steps.
         "ramping_kw": float(np.abs(np.diff(imp)).mean()) if imp.size > 1 else 0.0,
         "battery_throughput_kwh": throughput,
-        "battery_equivalent_cycles": throughput / (2.0 * usable_capacity_kwh),
+        # No battery (capacity 0): no cycles.
+        "battery_equivalent_cycles": (
+            throughput / (2.0 * usable_capacity_kwh) if usable_capacity_kwh > 0 else 0.0
+        ),
         "energy_balance_max_residual_kwh": float(np.abs(energy_balance_residual_kwh(ts)).max()),
         "reward_total_mean": float(ts["reward_total"].mean()),
     }

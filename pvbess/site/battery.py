@@ -39,7 +39,8 @@ def citylearn_battery(bess: BessConfig) -> dict[str, Any]:
             "capacity_loss_coefficient": 0.0,
             "loss_coefficient": 0.0,
             "initial_soc": bess.initial_soc_frac / bess.soc_max_frac,
-            "depth_of_discharge": 1.0 - floor_kwh / ceiling_kwh,
+            # No battery (capacity 0): any depth of discharge; 1.0 avoids 0 / 0.
+            "depth_of_discharge": 1.0 - floor_kwh / ceiling_kwh if ceiling_kwh > 0 else 1.0,
             "power_efficiency_curve": [[0.0, eff], [1.0, eff]],
             "capacity_power_curve": [[0.0, 1.0], [1.0, 1.0]],
         },

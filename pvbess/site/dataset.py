@@ -10,6 +10,7 @@ half-written dataset is never reused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -411,6 +412,35 @@ def _publish(tmp: Path, root: Path, digest: str, *, replace: bool) -> None:
             raise
 
 
+# Datasets of one site that differ only in PV or battery (the designs of pvbess.size) share
+# their EV sessions and charger files: drawn once per process and reused (they depend only
+# on the EV config, the period and the seed, and the draw is deterministic). A few entries.
+_SESSIONS: dict[str, tuple[ev_sessions.EvSessions, dict[str, pd.DataFrame]]] = {}
+_SESSIONS_MAX = 4
+
+
+def _sessions(
+    site: SiteConfig, index: pd.DatetimeIndex
+) -> tuple[ev_sessions.EvSessions, dict[str, pd.DataFrame]]:
+    """The period's EV sessions and each socket's charger table (one step more than the
+    period, all "away": the padding row); copies, so callers may change them."""
+    key = json.dumps(
+        {"ev": asdict(site.ev), "start": str(index[0]), "steps": len(index), "seed": site.seed},
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _SESSIONS:
+        sessions = ev_sessions.generate_sessions(index, site.ev, seed=site.seed)
+        tables = {
+            sid: ev_sessions.charger_table(sessions.sessions, sid, len(index) + 1)
+            for sid, _ in sessions.sockets
+        }
+        while len(_SESSIONS) >= _SESSIONS_MAX:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        _SESSIONS[key] = (sessions, tables)
+    return copy.deepcopy(_SESSIONS[key])
+
+
 def _load(site: SiteConfig, root: Path, index: pd.DatetimeIndex, digest: str) -> SiteDataset:
     """A finished dataset from the cache; its plausibility warnings are raised again."""
     # round_trip: the floats read back are the very ones written, as in a fresh build.
@@ -441,8 +471,10 @@ def _write(
     weather: pd.DataFrame,
     sessions: ev_sessions.EvSessions,
     summary: dict[str, Any],
+    tables: dict[str, pd.DataFrame] | None = None,
 ) -> None:
-    """Every file of the dataset into ``folder``, the manifest last."""
+    """Every file of the dataset into ``folder``, the manifest last (``tables``: the
+    sockets' charger tables, if already made)."""
     n_steps = len(series)
     (folder / "chargers").mkdir()
     _pad(_building_frame(series.index, series, site.pv.dc_kwp)).to_csv(
@@ -457,7 +489,9 @@ def _write(
     _pad(carbon).to_csv(folder / "carbon_intensity.csv", index=False)
     for sid, _ in sessions.sockets:
         # One step more than the period, all "away": the padding row.
-        table = ev_sessions.charger_table(sessions.sessions, sid, n_steps + 1)
+        table = (tables or {}).get(sid)
+        if table is None:
+            table = ev_sessions.charger_table(sessions.sessions, sid, n_steps + 1)
         table.to_csv(folder / "chargers" / f"{sid}.csv", index=False)
     (folder / "schema.json").write_text(json.dumps(_schema(site, n_steps, sessions), indent=1))
     series.to_csv(folder / "series.csv")
@@ -487,7 +521,7 @@ def build(site: SiteConfig, data_dir: str | Path, force: bool = False) -> SiteDa
 
     log.info("Building site dataset %s in %s", site.name, root)
     series, weather = build_series(site, index)
-    sessions = ev_sessions.generate_sessions(index, site.ev, seed=site.seed)
+    sessions, tables = _sessions(site, index)
     messages = validate_inputs(site, index, series, sessions)
     summary = summarize(site, series, sessions) | {"data_hash": digest, "warnings": messages}
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -495,7 +529,7 @@ def build(site: SiteConfig, data_dir: str | Path, force: bool = False) -> SiteDa
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", suffix=".tmp", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the dataset from other users
     try:
-        _write(tmp, site, series, weather, sessions, summary)
+        _write(tmp, site, series, weather, sessions, summary, tables)
         _publish(tmp, root, digest, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
