@@ -609,6 +609,14 @@ class TrainConfig:
             "needs a _target_ (choose agent=ppo|sac|a2c|uncontrolled|rbc|optimal|mpc)",
         )
         check_agent(self.agent)
+        # CityLearn refuses a battery action without a battery; the twin models it.
+        no_battery = self.site.bess.capacity_kwh == 0
+        _require(
+            not no_battery or "citylearn" not in (self.env.backend, self.env.eval_backend),
+            "env.eval_backend",
+            "site.bess.capacity_kwh=0 (no battery) runs on the twin only: set "
+            "env.backend=twin env.eval_backend=twin",
+        )
         _require(
             not is_learner(self.agent) or self.total_timesteps > 0 or self.allow_untrained,
             "total_timesteps",

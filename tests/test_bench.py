@@ -57,7 +57,7 @@ def test_the_commands_are_read_from_the_makefile() -> None:
         f"{b}/python -m pvbess.train site=tiny seed=1"
     ]
     assert study.study_commands("tests", "tiny", ["seed=1"], bin_dir=b) == [
-        f'{b}/python -m pytest -m "not slow" -q'
+        f'{b}/python -m pytest -m "not slow and not ray and not ui" -q'
     ]
     assert study.shown(f"{b}/python -m pvbess.train", b) == "python -m pvbess.train"
     # compare-all: each line of the target's recipe, in order; total_timesteps -> BUDGET.

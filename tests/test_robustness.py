@@ -342,6 +342,10 @@ CASES: dict[str, Case] = {
     "sac_gradient_steps_zero": Case(
         ["agent=sac", "agent.gradient_steps=0"], config_error("agent.gradient_steps")
     ),
+    "no_battery_in_citylearn": Case(
+        ["site.bess.capacity_kwh=0", "site.bess.power_kw=0"],
+        config_error("env.eval_backend: site.bess.capacity_kwh=0 (no battery) runs on the twin"),
+    ),
     # --- a site without chargers ---------------------------------------------------------
     "no_ev_sockets": Case(
         ["site.ev.classes.moto.sockets=0", "site.ev.classes.mototaxi.sockets=0"],
