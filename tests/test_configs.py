@@ -6,6 +6,7 @@ import pytest
 from hydra.utils import instantiate
 
 from pvbess import config
+from pvbess.experiment.run import check_agent_keys
 
 from .conftest import CONF, compose_cfg, run_module
 
@@ -23,6 +24,7 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
         assert cfg[group] is not None
     if group == "agent":
         assert callable(instantiate(cfg.agent))
+        check_agent_keys(cfg)  # every key is one its class takes
     if group == "env":
         assert typed.env.backend == option
     if group == "site":

@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from pvbess.site import dataset
 
     site_data = dataset.build(typed.site, cfg.paths.data_dir)
+    check_agent_keys(cfg)
     from pvbess.experiment import resume, signals, tracking
 
     out_dir = Path(cfg.paths.output_dir)
@@ -72,6 +73,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.start_run(cfg, site_data.data_hash, agent_name(cfg), run_id=run_id) as run,
     ):
         return run_experiment(cfg, typed, site_data, run.info.run_id, resuming=bool(run_id))
+
+
+def check_agent_keys(cfg: DictConfig) -> None:
+    """Refuse agent settings its class does not take (``+agent.lerning_rate=...``), naming
+    the key and the nearest valid one, before a run starts (SB3 would raise a TypeError)."""
+    import difflib
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = str(cfg.agent["_target_"])
+    params = inspect.signature(get_class(target)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    # Passed at build time, not from the config.
+    known = [k for k in params if k not in ("env", "seed", "device")]
+    for key in cfg.agent:
+        if key in ("_target_", "_partial_") or key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+        hint = f"; did you mean agent.{close[0]}?" if close else ""
+        raise config.ConfigError(f"agent.{key}: unknown setting for {target}{hint}")
 
 
 def _resumed_sweep_job(cfg: DictConfig) -> str | None:
