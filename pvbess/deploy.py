@@ -70,6 +70,10 @@ FRACTIONS = ("battery_soc_frac", "soc_frac", "required_soc_frac")
 REGISTERED_NAME = "{site}"
 
 
+class PromoteError(RuntimeError):
+    """A run that cannot be promoted: another site's, or without a served controller."""
+
+
 class NotDeployable(ValueError):
     """This run's controller cannot act from a step's state (the perfect-foresight LP)."""
 
@@ -559,6 +563,17 @@ def promote(run_id: str, site: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     name = REGISTERED_NAME.format(site=site)
+    run = MlflowClient().get_run(run_id)
+    if run.data.tags.get("site") != site:
+        raise PromoteError(
+            f"run {run_id} is of site {run.data.tags.get('site')!r}, not {site!r}: "
+            f"promote it with site={run.data.tags.get('site')}"
+        )
+    if run.data.tags.get("controller") != MODEL_NAME:
+        raise PromoteError(
+            f"run {run_id} ({run.data.tags.get('agent')}, {run.info.status}) logged no served "
+            f"controller ({run.data.tags.get('controller', 'none')})"
+        )
     version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name)
     MlflowClient().set_registered_model_alias(name, CHAMPION, version.version)
     log.info(
