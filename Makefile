@@ -128,3 +128,15 @@ clean: ## Remove outputs (experiments/, multirun/, data/ cache); keeps mlruns/ a
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: help install run train site compare compare-all sweep tune size install-ray parity test test-ray test-ui test-all lint bench ui server clean
+
+RUN ?=
+SERVE_PORT ?= 5001
+serve: install ## Serve a run's controller over HTTP on 127.0.0.1:PORT (default 5001): make serve RUN=<run id> [PORT=5002] (or MODEL=models:/<site>@champion)
+	@test -n "$(RUN)$(MODEL)" || (echo "make serve RUN=<run id> or MODEL=<model uri>"; exit 1)
+	MLFLOW_TRACKING_URI=$(STORE) PATH=$(BIN):$$PATH $(BIN)/mlflow models serve \
+	  -m $(or $(MODEL),runs:/$(RUN)/controller) --host 127.0.0.1 --port $(if $(filter command line,$(origin PORT)),$(PORT),$(SERVE_PORT)) --env-manager local
+
+bench-serve: install ## Latency of served controllers over HTTP (median, p99 of 1,000 one-row calls): make bench-serve RUNS="<id> <id>"
+	PATH=$(BIN):$$PATH $(BIN)/python -m pvbess.experiment.serve_bench --store $(STORE) $(RUNS)
+
+.PHONY: serve bench-serve

@@ -1,11 +1,13 @@
 """Entry point: ``python -m pvbess.compare site=iquitos_mall [reward=...] [verify=true]
-[verify_jobs=N]``.
+[verify_jobs=N]``; ``promote=<run id>`` registers that run's controller as ``<site>`` and
+points the alias ``champion`` at it (``pvbess.deploy.promote``) instead of comparing.
 
 Composes ``conf/compare.yaml`` and calls ``pvbess.experiment.compare``.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,6 +27,21 @@ def main(cfg: DictConfig) -> None:
     reward = cfg.reward.name if cfg.get("reward") else None
     experiment = cfg.tracking.experiment or site
     tracking.configure(cfg.tracking.uri, cfg.paths.root_dir, experiment)
+    if cfg.get("promote"):
+        from mlflow.exceptions import MlflowException
+
+        from pvbess import deploy
+
+        try:
+            version = deploy.promote(str(cfg.promote), site)
+        except (deploy.PromoteError, MlflowException) as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(
+            f"promoted run {cfg.promote}: {version.name} version {version.version} is "
+            f"models:/{version.name}@{deploy.CHAMPION}"
+        )
+        return
     tags = OmegaConf.to_container(cfg.tags) if cfg.tags else None
     run_ids = list(cfg.run_ids) if cfg.run_ids else None
     sel = Selection(

@@ -11,14 +11,17 @@ env's safety layer still guarantees every departure SOC.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pandas as pd
 
+from pvbess.config import TariffConfig
 from pvbess.control import optimal
 from pvbess.sim.env import SiteEnv
+from pvbess.sim.step import BATTERY_SOC_OBS, plugged_safety, socket_step_kwh
 from pvbess.site import tariff
 from pvbess.site.battery import one_way_efficiency_frac
 from pvbess.units import STEP_HOURS
@@ -30,8 +33,84 @@ def _per_rating(energy_kwh: Any, rating_kwh: float) -> Any:
     return energy_kwh / rating_kwh if rating_kwh > 0 else energy_kwh * 0.0
 
 
+@dataclass
+class Measured:
+    """What a controller knows at the start of a step, in physical units: from the env in
+    simulation (``Controller.measure``), from a request when served (``pvbess.deploy``).
+
+    ``plugged`` are the sockets with a vehicle; ``soc``, ``capacity_kwh``,
+    ``required_soc`` and ``departure_steps`` (steps left, this one included) are theirs,
+    in that order. ``battery_soc_frac`` is the battery's SOC as the controller reads it
+    from its observation; ``prev_import_kwh`` the grid import of the step before.
+    """
+
+    time: pd.Timestamp
+    pv_kwh: float
+    load_kwh: float
+    battery_soc_frac: float
+    plugged: np.ndarray
+    soc: np.ndarray
+    capacity_kwh: np.ndarray
+    required_soc: np.ndarray
+    departure_steps: np.ndarray
+    prev_import_kwh: float = 0.0
+
+    def need_kwh(self, n_sockets: int) -> np.ndarray:
+        """Battery-side energy each socket's vehicle still needs for its required SOC [kWh]
+        (0 at an empty socket)."""
+        need_kwh = np.zeros(n_sockets)
+        if self.plugged.size:
+            need_kwh[self.plugged] = (
+                np.maximum(self.required_soc - self.soc, 0.0) * self.capacity_kwh
+            )
+        return need_kwh
+
+
+def observed_soc_frac(
+    observation: np.ndarray, index: int, low: np.ndarray, span: np.ndarray
+) -> float:
+    """A raw value back from its [0, 1] observation (the bounds it was scaled with)."""
+    return float(np.asarray(observation).reshape(-1)[index]) * span[index] + low[index]
+
+
+@dataclass(frozen=True)
+class Sockets:
+    """What every controller needs of the sockets: how many, one full step's energy at
+    socket power (grid side) [kWh], the chargers' efficiency, and the action's bounds."""
+
+    n_sockets: int
+    socket_kwh: float
+    charger_eff: float
+    step_kwh: float  # battery side, = socket_kwh x charger_eff
+    low: np.ndarray
+    high: np.ndarray
+
+    def action(self, bess: float, sockets: np.ndarray) -> np.ndarray:
+        """``[battery, socket_1 .. socket_n]`` as float32 inside the action space."""
+        a = np.concatenate([[bess], sockets]).astype(np.float32)
+        return np.clip(a, self.low, self.high)
+
+    def safety(self, sockets: np.ndarray, m: Measured) -> np.ndarray:
+        """Socket actions raised as the env's safety layer raises them."""
+        new, _ = plugged_safety(
+            np.asarray(sockets, dtype=np.float64)[None, :],
+            m.plugged,
+            m.soc[None, :],
+            m.capacity_kwh[None, :],
+            m.required_soc,
+            m.departure_steps,
+            self.step_kwh,
+        )
+        return new[0]
+
+
 class Controller:
-    """Shared plumbing: the unwrapped env, the action's shape, the vehicles' energy needs."""
+    """Shared plumbing: the unwrapped env, the action's shape, the vehicles' energy needs.
+
+    A controller that can be served (``pvbess.deploy``) keeps its decision in
+    ``policy``: an env-free object whose ``act(Measured) -> action`` both ``predict``
+    (on what ``measure`` reads from the env) and the served model call.
+    """
 
     learns = False
 
@@ -55,6 +134,41 @@ class Controller:
         self.action_shape = site_env.action_space.shape
         self._low = site_env.action_space.low
         self._high = site_env.action_space.high
+        self.sockets = Sockets(
+            n_sockets=site_env.n_sockets,
+            socket_kwh=self.socket_kwh,
+            charger_eff=self.charger_eff,
+            step_kwh=socket_step_kwh(site),
+            low=self._low,
+            high=self._high,
+        )
+        self._soc_index = site_env.backend.observation_names.index(BATTERY_SOC_OBS)
+        self.policy: Any = None
+
+    def measure(self, observation: np.ndarray) -> Measured:
+        """What the controller knows at the env's current step."""
+        e = self.env
+        t, b = e._t, e.backend
+        plugged = np.flatnonzero(b.state[:, t] == 1)
+        soc = cap = np.zeros(0)
+        if plugged.size:
+            soc, cap = e.ev_soc_and_capacity(plugged)
+        core = e.core  # the bounds the env scaled this observation with
+        series = e.dataset.series
+        return Measured(
+            time=e.dataset.index[t],
+            pv_kwh=float(series["pv_kwh"].iloc[t]),
+            load_kwh=float(series["load_kwh"].iloc[t]),
+            battery_soc_frac=observed_soc_frac(
+                observation, self._soc_index, core.obs_low, core.obs_span
+            ),
+            plugged=plugged,
+            soc=soc,
+            capacity_kwh=cap,
+            required_soc=b.required_soc[plugged, t],
+            departure_steps=b.departure_steps[plugged, t],
+            prev_import_kwh=e.last_grid_import_kwh,
+        )
 
     def ev_need_kwh(self, t: int) -> np.ndarray:
         """Battery-side energy each plugged-in vehicle still needs for its required SOC [kWh]."""
@@ -84,12 +198,29 @@ class Uncontrolled(Controller):
     controllers, so every "% reduction" compares the same delivered energy.
     """
 
+    def __init__(
+        self, env: gym.Env, seed: int | None = None, device: Any = None, name: str | None = None
+    ) -> None:
+        super().__init__(env, seed=seed, device=device, name=name)
+        self.policy = FullPower(self.sockets)
+
     def predict(
         self, observation: np.ndarray, deterministic: bool = True
     ) -> tuple[np.ndarray, None]:
-        need_kwh = self.ev_need_kwh(self.env._t)
-        sockets = np.clip(need_kwh / (self.socket_kwh * self.charger_eff), 0.0, 1.0)
-        return self._action(0.0, sockets), None
+        return self.policy.act(self.measure(observation)).reshape(self.action_shape), None
+
+
+@dataclass(frozen=True)
+class FullPower:
+    """``Uncontrolled``'s decision: each socket at full power until its vehicle's required
+    SOC, the battery idle."""
+
+    sockets: Sockets
+
+    def act(self, m: Measured) -> np.ndarray:
+        s = self.sockets
+        need_kwh = m.need_kwh(s.n_sockets)
+        return s.action(0.0, np.clip(need_kwh / (s.socket_kwh * s.charger_eff), 0.0, 1.0))
 
 
 class RuleBased(Controller):
@@ -125,35 +256,52 @@ class RuleBased(Controller):
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"agent.{key}: must be in [0, 1], got {value}")
-        self.ev_from_surplus = ev_from_surplus
-        self.peak_discharge_kwh = peak_discharge_frac * self.bess_power_kw * STEP_HOURS
-        self.offpeak_discharge_kwh = offpeak_discharge_frac * self.bess_power_kw * STEP_HOURS
         bess = site.bess
-        self.floor_kwh = bess.capacity_kwh * bess.soc_min_frac
-        self.reserve_kwh = max(bess.capacity_kwh * reserve_soc_frac, self.floor_kwh)
-        # CityLearn's SOC is relative to its capacity, the SOC window's ceiling
-        # (pvbess.site.battery).
-        self.ceiling_kwh = bess.capacity_kwh * bess.soc_max_frac
-        self.eta = one_way_efficiency_frac(bess)
-        series = self.env.dataset.series
-        self.pv_kwh = series["pv_kwh"].to_numpy()
-        self.load_kwh = series["load_kwh"].to_numpy()
-        self.peak = tariff.peak_mask(self.env.dataset.index, site.tariff)
-        self._soc_index = self.env.backend.observation_names.index("electrical_storage_soc")
+        floor_kwh = bess.capacity_kwh * bess.soc_min_frac
+        self.policy = Rules(
+            sockets=self.sockets,
+            tariff=site.tariff,
+            bess_power_kw=self.bess_power_kw,
+            peak_discharge_kwh=peak_discharge_frac * self.bess_power_kw * STEP_HOURS,
+            offpeak_discharge_kwh=offpeak_discharge_frac * self.bess_power_kw * STEP_HOURS,
+            floor_kwh=floor_kwh,
+            reserve_kwh=max(bess.capacity_kwh * reserve_soc_frac, floor_kwh),
+            # CityLearn's SOC is relative to its capacity, the SOC window's ceiling
+            # (pvbess.site.battery).
+            ceiling_kwh=bess.capacity_kwh * bess.soc_max_frac,
+            eta=one_way_efficiency_frac(bess),
+            ev_from_surplus=ev_from_surplus,
+        )
 
-    def stored_kwh(self, observation: np.ndarray) -> float:
-        """The battery's stored energy from the observed SOC [kWh]."""
-        scaling = self.env.core  # the bounds the env scaled this observation with
-        i = self._soc_index
-        soc = float(np.asarray(observation).reshape(-1)[i]) * scaling.obs_span[i]
-        soc += scaling.obs_low[i]
-        return soc * self.ceiling_kwh
+    def predict(
+        self, observation: np.ndarray, deterministic: bool = True
+    ) -> tuple[np.ndarray, None]:
+        return self.policy.act(self.measure(observation)).reshape(self.action_shape), None
 
-    def ev_from_pv(self, t: int, surplus_kwh: float) -> np.ndarray:
+
+@dataclass(frozen=True)
+class Rules:
+    """``RuleBased``'s decision from what it measures at a step (see ``RuleBased``)."""
+
+    sockets: Sockets
+    tariff: TariffConfig
+    bess_power_kw: float
+    peak_discharge_kwh: float
+    offpeak_discharge_kwh: float
+    floor_kwh: float
+    reserve_kwh: float
+    ceiling_kwh: float
+    eta: float
+    ev_from_surplus: bool
+
+    def ev_from_pv(self, m: Measured, surplus_kwh: float) -> np.ndarray:
         """Socket energies [kWh, grid side] sharing the PV surplus, earliest departure first."""
-        b = self.env.backend
-        need_kwh = np.minimum(self.ev_need_kwh(t) / self.charger_eff, self.socket_kwh)
-        order = np.argsort(b.departure_steps[:, t], kind="stable")
+        s = self.sockets
+        need_kwh = np.minimum(m.need_kwh(s.n_sockets) / s.charger_eff, s.socket_kwh)
+        departure = np.zeros(s.n_sockets)
+        departure[m.plugged] = m.departure_steps
+        # Stable: the order of the vehicles that need energy does not depend on empty sockets.
+        order = np.argsort(departure, kind="stable")
         order = order[need_kwh[order] > 0]
         wanted = need_kwh[order]
         # Each vehicle gets what is left of the surplus after those leaving before it.
@@ -162,29 +310,26 @@ class RuleBased(Controller):
         out[order] = np.clip(surplus_kwh - before, 0.0, wanted)
         return out
 
-    def predict(
-        self, observation: np.ndarray, deterministic: bool = True
-    ) -> tuple[np.ndarray, None]:
-        t = self.env._t
-        surplus_kwh = self.pv_kwh[t] - self.load_kwh[t]
-        ev_kwh = np.zeros(self.env.n_sockets)
+    def act(self, m: Measured) -> np.ndarray:
+        s = self.sockets
+        surplus_kwh = m.pv_kwh - m.load_kwh
+        ev_kwh = np.zeros(s.n_sockets)
         if self.ev_from_surplus and surplus_kwh > 0:
-            ev_kwh = self.ev_from_pv(t, surplus_kwh)
-        sockets = ev_kwh / self.socket_kwh
+            ev_kwh = self.ev_from_pv(m, surplus_kwh)
         # The env raises these again the same way; done here to size the battery for it.
-        sockets, _ = self.env.apply_safety(sockets, t)
-        residual_kwh = surplus_kwh - float(sockets.sum()) * self.socket_kwh
+        sockets = s.safety(ev_kwh / s.socket_kwh, m)
+        residual_kwh = surplus_kwh - float(sockets.sum()) * s.socket_kwh
         if residual_kwh >= 0:
             bess_kwh = min(residual_kwh, self.bess_power_kw * STEP_HOURS)
         else:
-            stored = self.stored_kwh(observation)
-            if self.peak[t]:
+            stored = m.battery_soc_frac * self.ceiling_kwh
+            if tariff.peak_mask(pd.DatetimeIndex([m.time]), self.tariff)[0]:
                 limit_kwh, floor_kwh = self.peak_discharge_kwh, self.floor_kwh
             else:
                 limit_kwh, floor_kwh = self.offpeak_discharge_kwh, self.reserve_kwh
             available_kwh = max(stored - floor_kwh, 0.0) * self.eta  # grid side
             bess_kwh = -min(-residual_kwh, limit_kwh, available_kwh)
-        return self._action(_per_rating(bess_kwh, self.bess_power_kw * STEP_HOURS), sockets), None
+        return s.action(_per_rating(bess_kwh, self.bess_power_kw * STEP_HOURS), sockets)
 
 
 class Optimal(Controller):
@@ -240,4 +385,14 @@ class Optimal(Controller):
         return out
 
 
-__all__ = ["Controller", "Optimal", "RuleBased", "Uncontrolled", "_per_rating"]
+__all__ = [
+    "Controller",
+    "FullPower",
+    "Measured",
+    "Optimal",
+    "RuleBased",
+    "Rules",
+    "Sockets",
+    "Uncontrolled",
+    "_per_rating",
+]

@@ -57,10 +57,11 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import ConfigError
+from pvbess.config import ConfigError, GridConfig, TariffConfig
 from pvbess.control import optimal
-from pvbess.control.controllers import Controller, _per_rating
+from pvbess.control.controllers import Controller, Measured, Sockets, _per_rating
 from pvbess.site import forecast as site_forecast
+from pvbess.site import tariff
 from pvbess.units import STEP_HOURS
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,138 @@ def _steps(key: str, hours: float) -> int:
             f"{key}: must be a whole number of {STEP_HOURS:g} h steps >= 1, got {hours}"
         )
     return round(steps)
+
+
+def window_problem(
+    p: optimal.Problem,
+    f: Forecast,
+    sockets: np.ndarray,
+    departure_steps: np.ndarray,
+    need_kwh: np.ndarray,
+    *,
+    price_per_kwh: np.ndarray,
+    carbon_kg_per_kwh: np.ndarray,
+    stored_kwh: float,
+    prev_import_kwh: float,
+    keep_stored: bool,
+    step_battery_kwh: float,
+) -> Window:
+    """The optimum's problem ``p`` over one window (``f``'s length) from what is known at its
+    start: the forecast ``f`` (sessions' steps relative to the window's start), the
+    plugged vehicles (``sockets``, steps to departure, battery-side need [kWh]), price
+    and carbon over the window, the stored energy [kWh] and the last step's import
+    [kWh]; ``keep_stored`` keeps the stored energy at the window's end at least its
+    start. ``Mpc`` in simulation and the served MPC (``Planner``) both build it here."""
+    n_w = f.pv_kwh.size
+    arrival = np.concatenate([np.zeros(sockets.size, dtype=np.int64), f.arrival])
+    departure = np.concatenate([departure_steps, f.departure])
+    energy = np.concatenate([need_kwh, f.energy_kwh])
+    # Leaving after the window: what full socket power after it cannot deliver is due by
+    # its end (the safety layer's rule), so the window cannot postpone everything.
+    after = np.maximum(departure - n_w, 0)
+    energy = np.maximum(energy - after * step_battery_kwh, 0.0)
+    departure = np.minimum(departure, n_w)
+    # Forecast vehicles on virtual sockets beyond the site's, one each.
+    socket = np.concatenate([sockets, p.n_sockets + np.arange(f.arrival.size)])
+    # Without a battery (capacity 0) nothing is stored: keep the config's fraction.
+    cap_kwh = p.bess.capacity_kwh
+    soc_frac = stored_kwh / cap_kwh if cap_kwh > 0 else p.bess.initial_soc_frac
+    bess = replace(p.bess, initial_soc_frac=soc_frac)
+    problem = replace(
+        p,
+        pv_kwh=f.pv_kwh,
+        load_kwh=f.load_kwh,
+        price_per_kwh=price_per_kwh,
+        carbon_kg_per_kwh=carbon_kg_per_kwh,
+        bess=bess,
+        n_sockets=p.n_sockets + f.arrival.size,
+        session_socket=socket.astype(np.int64),
+        session_arrival_step=arrival.astype(np.int64),
+        session_departure_step=departure.astype(np.int64),
+        session_energy_kwh=energy,
+        final_energy_kwh_min=stored_kwh if keep_stored else None,
+        initial_import_kwh=prev_import_kwh,
+    )
+    return Window(problem, sockets, departure[: sockets.size], f.home)
+
+
+def socket_plan(w: Window, ev_grid_kwh: np.ndarray, n_real: int) -> np.ndarray:
+    """The plan's grid-side energy per site socket and step [kWh].
+
+    A vehicle plugged in at planning time keeps its socket until it leaves; after
+    that, a socket takes what the plan gives the forecast vehicles homed there
+    (``Forecast.home``; at most, where several overlap), for whoever arrives.
+    """
+    n_w = ev_grid_kwh.shape[1]
+    ev = np.zeros((n_real, n_w))
+    ev[w.sockets] = ev_grid_kwh[w.sockets]
+    busy = np.zeros((n_real, n_w), dtype=bool)
+    busy[w.sockets] = np.arange(n_w)[None, :] < w.plugged_departure[:, None]
+    i, j = np.nonzero(ev_grid_kwh[n_real:] > 0)
+    k = w.homes[i]
+    keep = ~busy[k, j]
+    np.maximum.at(ev, (k[keep], j[keep]), ev_grid_kwh[n_real + i[keep], j[keep]])
+    return ev
+
+
+@dataclass(frozen=True)
+class Planner:
+    """The served MPC's decision (``pvbess.deploy``): at every call it plans the next
+    ``horizon`` steps from what it measures and the PV and load forecasts it is given
+    (lead 1 .. horizon - 1), with no forecast of arrivals (the safety layer serves any
+    vehicle that comes), and acts on the plan's first step as ``Mpc`` does.
+
+    ``template`` is the optimum's problem without a period (physics, weights, scales).
+    """
+
+    template: optimal.Problem
+    sockets: Sockets
+    tariff: TariffConfig
+    grid: GridConfig
+    horizon: int
+    terminal: str
+    solve_options: dict[str, Any]
+    bess_power_kw: float
+
+    def act(
+        self, m: Measured, pv_forecast_kwh: np.ndarray, load_forecast_kwh: np.ndarray
+    ) -> np.ndarray:
+        s, p = self.sockets, self.template
+        index = pd.date_range(m.time, periods=self.horizon, freq=pd.Timedelta(hours=STEP_HOURS))
+        none = np.zeros(0, dtype=np.int64)
+        f = Forecast(
+            pv_kwh=np.concatenate([[m.pv_kwh], pv_forecast_kwh]),
+            load_kwh=np.concatenate([[m.load_kwh], load_forecast_kwh]),
+            arrival=none,
+            departure=none,
+            energy_kwh=np.zeros(0),
+            home=none,
+        )
+        stored_kwh = float(np.clip(m.battery_soc_frac * p.ceiling_kwh, p.floor_kwh, p.ceiling_kwh))
+        need_kwh = m.need_kwh(s.n_sockets)
+        w = window_problem(
+            p,
+            f,
+            m.plugged,
+            np.asarray(m.departure_steps, dtype=np.int64),
+            need_kwh[m.plugged],
+            price_per_kwh=tariff.price_per_kwh(index, self.tariff).to_numpy(),
+            carbon_kg_per_kwh=tariff.carbon_intensity_kg_per_kwh(index, self.grid).to_numpy(),
+            stored_kwh=stored_kwh,
+            prev_import_kwh=m.prev_import_kwh,
+            keep_stored=self.terminal == "start",
+            step_battery_kwh=s.step_kwh,
+        )
+        with _quiet(logging.getLogger(optimal.__name__)):
+            sol = optimal.solve(w.problem, **self.solve_options)
+        sched = sol.schedule
+        bess = _per_rating(
+            sched.bess_charge_kwh[0] - sched.bess_discharge_kwh[0], self.bess_power_kw * STEP_HOURS
+        )
+        ev_kwh = np.minimum(
+            socket_plan(w, sched.ev_grid_kwh, s.n_sockets)[:, 0], need_kwh / s.charger_eff
+        )
+        return s.action(float(bess), ev_kwh / s.socket_kwh)
 
 
 class Mpc(Controller):
@@ -210,6 +343,28 @@ class Mpc(Controller):
         self._plan_ev_kwh = np.zeros((e.n_sockets, 0))  # grid-side energy [socket, step]
         self._last_t = -1
         self.stats = _Stats()
+        empty = np.zeros(0)
+        nothing = np.zeros(0, dtype=np.int64)
+        self.policy = Planner(
+            template=replace(
+                p,
+                pv_kwh=empty,
+                load_kwh=empty,
+                price_per_kwh=empty,
+                carbon_kg_per_kwh=empty,
+                session_socket=nothing,
+                session_arrival_step=nothing,
+                session_departure_step=nothing,
+                session_energy_kwh=empty,
+            ),
+            sockets=self.sockets,
+            tariff=e.site.tariff,
+            grid=e.site.grid,
+            horizon=self.horizon,
+            terminal=terminal,
+            solve_options=self.solve_options,
+            bess_power_kw=self.bess_power_kw,
+        )
         self.last_solution: optimal.Solution | None = None
 
     # -- what the controller knows at step t ------------------------------------------------
@@ -285,37 +440,20 @@ class Mpc(Controller):
         f = self.forecast_window(t, n_w)
         self._score_forecast(t, n_w, f)
         sockets, dep, need = self.plugged(t)
-        arrival = np.concatenate([np.full(sockets.size, t), f.arrival]) - t
-        departure = np.concatenate([dep, f.departure]) - t
-        energy = np.concatenate([need, f.energy_kwh])
-        # Leaving after the window: what full socket power after it cannot deliver is due by
-        # its end (the safety layer's rule), so the window cannot postpone everything.
-        after = np.maximum(departure - n_w, 0)
-        energy = np.maximum(energy - after * self.step_battery_kwh, 0.0)
-        departure = np.minimum(departure, n_w)
-        # Forecast vehicles on virtual sockets beyond the site's, one each.
-        socket = np.concatenate([sockets, p.n_sockets + np.arange(f.arrival.size)])
-        # Without a battery (capacity 0) nothing is stored: keep the config's fraction.
-        cap_kwh = p.bess.capacity_kwh
-        soc_frac = stored_kwh / cap_kwh if cap_kwh > 0 else p.bess.initial_soc_frac
-        bess = replace(p.bess, initial_soc_frac=soc_frac)
-        final = stored_kwh if self.terminal == "start" and end < p.n_steps else None
-        problem = replace(
+        f.arrival, f.departure = f.arrival - t, f.departure - t
+        return window_problem(
             p,
-            pv_kwh=f.pv_kwh,
-            load_kwh=f.load_kwh,
+            f,
+            sockets,
+            dep - t,
+            need,
             price_per_kwh=p.price_per_kwh[t:end],
             carbon_kg_per_kwh=p.carbon_kg_per_kwh[t:end],
-            bess=bess,
-            n_sockets=p.n_sockets + f.arrival.size,
-            session_socket=socket.astype(np.int64),
-            session_arrival_step=arrival.astype(np.int64),
-            session_departure_step=departure.astype(np.int64),
-            session_energy_kwh=energy,
-            final_energy_kwh_min=final,
-            initial_import_kwh=prev_import_kwh,
+            stored_kwh=stored_kwh,
+            prev_import_kwh=prev_import_kwh,
+            keep_stored=self.terminal == "start" and end < p.n_steps,
+            step_battery_kwh=self.step_battery_kwh,
         )
-        return Window(problem, sockets, departure[: sockets.size], f.home)
 
     def _score_forecast(self, t: int, n_w: int, f: Forecast) -> None:
         """Absolute errors of the forecast steps (lead >= 1) against the dataset."""
@@ -343,16 +481,7 @@ class Mpc(Controller):
         that, a socket takes what the plan gives the forecast vehicles homed there
         (``Forecast.home``; at most, where several overlap), for whoever arrives.
         """
-        n_real, n_w = self.env.n_sockets, ev_grid_kwh.shape[1]
-        ev = np.zeros((n_real, n_w))
-        ev[w.sockets] = ev_grid_kwh[w.sockets]
-        busy = np.zeros((n_real, n_w), dtype=bool)
-        busy[w.sockets] = np.arange(n_w)[None, :] < w.plugged_departure[:, None]
-        i, j = np.nonzero(ev_grid_kwh[n_real:] > 0)
-        k = w.homes[i]
-        keep = ~busy[k, j]
-        np.maximum.at(ev, (k[keep], j[keep]), ev_grid_kwh[n_real + i[keep], j[keep]])
-        return ev
+        return socket_plan(w, ev_grid_kwh, self.env.n_sockets)
 
     def plan(self, t: int, observation: np.ndarray) -> None:
         """Solve the window starting at step t; keep its actions until the next replan."""
@@ -447,4 +576,4 @@ class Mpc(Controller):
         }
 
 
-__all__ = ["FORECASTS", "TERMINALS", "Mpc"]
+__all__ = ["FORECASTS", "TERMINALS", "Mpc", "Planner", "socket_plan", "window_problem"]

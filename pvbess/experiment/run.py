@@ -191,6 +191,9 @@ def run_experiment(
         checked |= controller_metrics
     title = f"{name} / {cfg.reward.name} / {cfg.site.name} / seed {cfg.seed}"
     log_evaluation(result, out_dir, title=title)
+    from pvbess import deploy
+
+    deploy.log_controller(model, eval_env, str(cfg.agent["_target_"]), name)
     checks.act(checked)
     from pvbess.experiment import compare
 

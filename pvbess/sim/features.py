@@ -17,7 +17,10 @@ simulator's scaled observations, the same way on CityLearn and on the twin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pandas as pd
 
 from pvbess.config import ObservationConfig
 from pvbess.site import forecast
@@ -46,38 +49,86 @@ def steps_to_change(values: np.ndarray, cap: int) -> np.ndarray:
     return out
 
 
+def time_features(index: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+    """Hour, weekday and day of year of each step as sin/cos in [0, 1] (local time)."""
+    hour = index.hour.to_numpy() + index.minute.to_numpy() / 60
+    return (
+        _cyclic(hour, 24.0, "hour")
+        | _cyclic(index.dayofweek.to_numpy(), 7.0, "weekday")
+        | _cyclic(index.dayofyear.to_numpy() - 1, 365.25, "day_of_year")
+    )
+
+
+def tariff_features(
+    price: np.ndarray, price_max: float, steps_to_next_change: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Price now (/ the highest price) and the time to its next change (/ 24 h)."""
+    day_steps = round(24 / STEP_HOURS)
+    return {
+        "price_frac": price / max(price_max, 1e-9),
+        "price_change_in_frac": steps_to_next_change / day_steps,
+    }
+
+
+def forecast_scales(dataset: SiteDataset) -> dict[str, float]:
+    """What scales a forecast of PV and of load to [0, 1] [kWh per step]: the inverters'
+    rating and the year's peak load."""
+    return {
+        "pv_kwh": max(dataset.site.pv.ac_kw * STEP_HOURS, 1e-9),
+        "load_kwh": max(float(dataset.series["load_kwh"].max()), 1e-9),
+    }
+
+
+def forecast_names(leads_h: Sequence[int | float]) -> list[str]:
+    """The forecast features' names: PV at each lead, then load at each lead."""
+    return [f"{q}_forecast_{h}h_frac" for q in ("pv", "load") for h in leads_h]
+
+
+def forecast_features(
+    forecast_kwh: dict[str, np.ndarray], leads_h: Sequence[int | float], scales: dict[str, float]
+) -> dict[str, np.ndarray]:
+    """PV and load forecasts [n_steps, n_leads] (kWh per step, by ``pv_kwh``/``load_kwh``)
+    as features in [0, 1]."""
+    cols = {}
+    for name, full in scales.items():
+        for i, h in enumerate(leads_h):
+            cols[f"{name[:-4]}_forecast_{h}h_frac"] = np.clip(
+                forecast_kwh[name][:, i] / full, 0.0, 1.0
+            )
+    return cols
+
+
+def forecast_tables(dataset: SiteDataset, obs: ObservationConfig) -> dict[str, np.ndarray]:
+    """The forecasts a learner observes at every step: ``pv_kwh`` and ``load_kwh``, each
+    [n_steps, n_leads] [kWh per step] (``pvbess.site.forecast``)."""
+    leads = np.asarray([round(h / STEP_HOURS) for h in obs.forecast_leads_h])
+    return {
+        name: forecast.table(
+            dataset.series[name].to_numpy(),
+            leads,
+            obs.forecast,
+            noise_frac_at_24h=obs.noise_frac_at_24h,
+            seed=dataset.site.seed * 2 + j,
+        )
+        for j, name in enumerate(("pv_kwh", "load_kwh"))
+    }
+
+
 def step_table(dataset: SiteDataset, obs: ObservationConfig) -> dict[str, np.ndarray]:
     """The features that depend only on the step, each [n_steps + 1] in [0, 1] (the last
     row, the terminal observation's, repeats the last step's)."""
     series = dataset.series
-    index = dataset.index
     cols: dict[str, np.ndarray] = {}
     if obs.time:
-        hour = index.hour.to_numpy() + index.minute.to_numpy() / 60
-        cols |= _cyclic(hour, 24.0, "hour")
-        cols |= _cyclic(index.dayofweek.to_numpy(), 7.0, "weekday")
-        cols |= _cyclic(index.dayofyear.to_numpy() - 1, 365.25, "day_of_year")
+        cols |= time_features(dataset.index)
     if obs.tariff:
         price = series["price_per_kwh"].to_numpy()
         day_steps = round(24 / STEP_HOURS)
-        cols["price_frac"] = price / max(float(price.max()), 1e-9)
-        cols["price_change_in_frac"] = steps_to_change(price, day_steps) / day_steps
+        cols |= tariff_features(price, float(price.max()), steps_to_change(price, day_steps))
     if obs.forecast != "none":
-        leads = np.asarray([round(h / STEP_HOURS) for h in obs.forecast_leads_h])
-        scale = {
-            "pv_kwh": max(dataset.site.pv.ac_kw * STEP_HOURS, 1e-9),
-            "load_kwh": max(float(series["load_kwh"].max()), 1e-9),
-        }
-        for j, (name, full) in enumerate(scale.items()):
-            table = forecast.table(
-                series[name].to_numpy(),
-                leads,
-                obs.forecast,
-                noise_frac_at_24h=obs.noise_frac_at_24h,
-                seed=dataset.site.seed * 2 + j,
-            )
-            for i, h in enumerate(obs.forecast_leads_h):
-                cols[f"{name[:-4]}_forecast_{h}h_frac"] = np.clip(table[:, i] / full, 0.0, 1.0)
+        cols |= forecast_features(
+            forecast_tables(dataset, obs), obs.forecast_leads_h, forecast_scales(dataset)
+        )
     return {k: np.append(v, v[-1]).astype(np.float32) for k, v in cols.items()}
 
 

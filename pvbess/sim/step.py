@@ -16,6 +16,7 @@ baseline (``set_reward_baseline``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pvbess.config import ObservationConfig, RewardConfig, SiteConfig
-from pvbess.sim import fleet
+from pvbess.sim import features, fleet
 from pvbess.sim import reward as rw
 from pvbess.sim.features import Features
 from pvbess.site.dataset import SiteDataset
@@ -53,6 +54,18 @@ RECORD_FIELDS = (
     "action_bess",
     "action_ev_mean",
 )
+
+
+# The state a controller knows at a step's start, recorded per step (``SiteStep.state_frame``).
+STATE_FIELDS = ("battery_soc_frac", "prev_net_kw", "peak_import_kw")
+# The simulator's observations of the battery's SOC and of the last step's net use.
+BATTERY_SOC_OBS = "electrical_storage_soc"
+NET_OBS = "net_electricity_consumption"
+
+
+def forecast_column(name: str, lead_h: float) -> str:
+    """The column of a forecast of ``pv_kwh`` or ``load_kwh`` at a lead [h], in kW."""
+    return f"{name[:-4]}_forecast_{lead_h:g}h_kw"
 
 
 # Below this fraction of capacity a departing EV's gap is float32 rounding of CityLearn's SOC.
@@ -124,6 +137,38 @@ def normalize_observation(raw: np.ndarray, obs_low: np.ndarray, obs_span: np.nda
     return np.clip((raw - obs_low) / obs_span, 0.0, 1.0).astype(np.float32)
 
 
+def compose_observation(
+    scaled: np.ndarray,
+    features: Features,
+    table_row: np.ndarray,
+    peak_import_kwh: np.ndarray | None = None,
+    max_import_kwh: float = 1.0,
+    fleet_features: np.ndarray | None = None,
+) -> np.ndarray:
+    """[n, n_obs] observations in [0, 1]: the simulator's (scaled), less the dropped ones,
+    then the features of ``pvbess.sim.features`` in ``features.names`` order.
+
+    ``table_row`` is the step's row of the step-only features (time, tariff, forecasts),
+    ``peak_import_kwh`` [n] the running peak (``features.config.peak``), ``fleet_features``
+    [n, 3] the fleet's aggregates (``features.config.fleet``). The env and a served
+    controller (``pvbess.deploy``) both build their observations here.
+    """
+    n = scaled.shape[0]
+    obs = scaled if features.all_kept else scaled[:, features.keep]
+    extra = []
+    if table_row.size:
+        extra.append(np.broadcast_to(table_row, (n, table_row.shape[-1])))
+    if features.config.peak:
+        assert peak_import_kwh is not None
+        extra.append(np.minimum(peak_import_kwh / max_import_kwh, 1.0)[:, None])
+    if features.config.fleet:
+        assert fleet_features is not None
+        extra.append(fleet_features)
+    if not extra:
+        return obs
+    return np.concatenate([obs, *extra], axis=1).astype(np.float32)
+
+
 def safety_actions(
     ev_action: np.ndarray,
     soc: np.ndarray,
@@ -147,6 +192,146 @@ def safety_actions(
     must_now = np.where(must_now > 0, np.minimum(must_now * (1 + 1e-5) + 1e-7, 1.0), 0.0)
     new = np.maximum(ev_action, must_now)
     return new, (new - ev_action) * step_kwh
+
+
+def socket_actions(
+    a: np.ndarray,
+    action_mode: str,
+    n_sockets: int,
+    plugged: np.ndarray,
+    plugged_class: np.ndarray,
+    need_kwh: np.ndarray,
+    laxity_h: np.ndarray,
+    step_kwh: float,
+) -> np.ndarray:
+    """The socket actions [n, socket] of clipped actions ``a`` [n, 1 + EV actions]: as given
+    (``per_socket``), or each vehicle class's intensity allocated to its plugged sockets
+    (``plugged``, of class ``plugged_class``) by least laxity (``fleet``)."""
+    if action_mode == "per_socket":
+        return a[:, 1:]
+    out = np.zeros((a.shape[0], n_sockets))
+    if plugged.size:
+        out[:, plugged] = fleet.allocate(a[:, 1:], plugged_class, need_kwh, laxity_h, step_kwh)
+    return out
+
+
+def plugged_safety(
+    ev_action: np.ndarray,
+    plugged: np.ndarray,
+    soc: np.ndarray,
+    capacity_kwh: np.ndarray,
+    required_soc: np.ndarray,
+    departure_steps: np.ndarray,
+    step_kwh: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``safety_actions`` on the plugged sockets of socket actions [n, socket]: the new
+    actions and the battery-side energy forced [kWh], [n, socket]."""
+    new = ev_action.copy()
+    forced = np.zeros_like(ev_action)
+    if plugged.size == 0:
+        return new, forced
+    new[:, plugged], forced[:, plugged] = safety_actions(
+        ev_action[:, plugged], soc, capacity_kwh, required_soc, departure_steps, step_kwh
+    )
+    return new, forced
+
+
+def battery_for_target(
+    target: np.ndarray,
+    ev_action: np.ndarray,
+    load_kwh: Quantity,
+    pv_kwh: Quantity,
+    max_import_kwh: float,
+    socket_grid_kwh: float,
+    bess_step_kwh: float,
+) -> np.ndarray:
+    """Battery actions [-1, 1] that bring a step's grid import to ``target`` (-1..1 -> 0..the
+    largest possible import [kWh]) given its load and PV [kWh] and the sockets' draw at
+    their actions; the battery's limits and losses decide how close it gets."""
+    target_kwh = (target + 1.0) / 2.0 * max_import_kwh
+    ev_kwh = ev_action.sum(axis=1) * socket_grid_kwh
+    bess_kwh = target_kwh - (load_kwh + ev_kwh - pv_kwh)
+    return np.clip(bess_kwh / bess_step_kwh, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ActionMap:
+    """From the env's action to what the site's devices are told, for one step: clip to the
+    action space, sockets per socket or per fleet, the safety layer, the battery as a
+    power or a grid target. ``SiteStep.step`` and a served controller (``pvbess.deploy``)
+    both call ``apply``: the one place this mapping is written."""
+
+    action_mode: str
+    battery_action: str
+    safety_layer: bool
+    n_sockets: int
+    socket_class: np.ndarray  # each socket's vehicle class (index into the fleet actions)
+    low: np.ndarray
+    high: np.ndarray
+    step_kwh: float  # battery-side energy of one full socket step [kWh]
+    socket_grid_kwh: float  # grid-side energy of one full socket step [kWh]
+    bess_step_kwh: float  # the battery's power rating over one step [kWh]
+    max_import_kwh: float  # the largest possible grid import of a step [kWh]
+
+    def apply(
+        self,
+        actions: np.ndarray,
+        plugged: np.ndarray,
+        soc: np.ndarray,
+        capacity_kwh: np.ndarray,
+        required_soc: np.ndarray,
+        departure_steps: np.ndarray,
+        load_kwh: Quantity,
+        pv_kwh: Quantity,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions [n, 1 + EV actions] and the step's state (the plugged sockets, their
+        vehicles' SOC and capacity [n, plugged], required SOC and steps to departure,
+        load and PV [kWh]) -> (clipped actions, the battery's mapped, [n, 1 + EV
+        actions]; socket actions [n, socket]; battery-side energy forced [kWh])."""
+        a = clip_action(actions, self.low, self.high, actions.shape[0])
+        need_kwh = laxity_h = np.zeros((a.shape[0], 0))
+        if self.action_mode == "fleet" and plugged.size:
+            need_kwh, laxity_h = fleet.needs(
+                soc, capacity_kwh, required_soc, departure_steps, self.step_kwh
+            )
+        ev_action = socket_actions(
+            a,
+            self.action_mode,
+            self.n_sockets,
+            plugged,
+            self.socket_class[plugged],
+            need_kwh,
+            laxity_h,
+            self.step_kwh,
+        )
+        forced = np.zeros_like(ev_action)
+        if self.safety_layer and self.n_sockets:
+            ev_action, forced = plugged_safety(
+                ev_action, plugged, soc, capacity_kwh, required_soc, departure_steps, self.step_kwh
+            )
+        if self.battery_action == "grid_target":
+            a[:, 0] = battery_for_target(
+                a[:, 0],
+                ev_action,
+                load_kwh,
+                pv_kwh,
+                self.max_import_kwh,
+                self.socket_grid_kwh,
+                self.bess_step_kwh,
+            )
+        return a, ev_action, forced
+
+
+def device_powers(
+    battery_action: np.ndarray,
+    ev_action: np.ndarray,
+    plugged_mask: np.ndarray,
+    bess_power_kw: float,
+    socket_power_kw: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the devices are told [kW]: the battery's power (+ charges; its own limits still
+    apply) and each socket's, 0 at a socket without a vehicle."""
+    return battery_action * bess_power_kw, np.where(plugged_mask, ev_action, 0.0) * socket_power_kw
 
 
 def step_flows(
@@ -262,6 +447,22 @@ class SiteStep:
         # one observation whichever year it comes from.
         self.obs_low, self.obs_span = sim.obs_low, sim.obs_span
         self._step_kwh = socket_step_kwh(self.site)
+        self.action_map = ActionMap(
+            action_mode=action_mode,
+            battery_action=battery_action,
+            safety_layer=safety_layer,
+            n_sockets=self.n_sockets,
+            socket_class=self._socket_class,
+            low=self.action_space.low,
+            high=self.action_space.high,
+            step_kwh=self._step_kwh,
+            socket_grid_kwh=self._socket_grid_kwh,
+            bess_step_kwh=self._bess_step_kwh,
+            max_import_kwh=self.scales.max_import_kwh,
+        )
+        names = sim.observation_names
+        self._soc_obs = names.index(BATTERY_SOC_OBS) if BATTERY_SOC_OBS in names else -1
+        self._net_obs = names.index(NET_OBS) if NET_OBS in names else -1
         self._price = dataset.series["price_per_kwh"].to_numpy()
         self._carbon = dataset.series["carbon_kg_per_kwh"].to_numpy()
         n = self.n_steps
@@ -275,6 +476,8 @@ class SiteStep:
         # Each copy's grid import in the last step taken [kWh] (the ramp term's reference).
         self.prev_import_kwh = np.zeros(self.n_envs)
         self.history_arrays: dict[str, np.ndarray] = {}
+        self.state_arrays: dict[str, np.ndarray] = {}
+        self._peak_import = np.zeros(self.n_envs)
         self.components: dict[str, np.ndarray] = {}
         self.returns = np.zeros(self.n_envs)
         self.component_sums: dict[str, np.ndarray] = {}
@@ -282,22 +485,22 @@ class SiteStep:
     def observe(self, raw: np.ndarray) -> np.ndarray:
         """[n_envs, n_obs] observations in [0, 1]: the simulator's (scaled), then the
         features of step ``self.t`` (``pvbess.sim.features``)."""
-        obs = normalize_observation(raw, self.obs_low, self.obs_span)
+        self._raw = raw
         f = self.features
-        if not f.all_kept:
-            obs = obs[:, f.keep]
-        extra = []
-        if f.table.shape[1]:
-            row = f.table[min(self.t, f.table.shape[0] - 1)]
-            extra.append(np.broadcast_to(row, (self.n_envs, row.size)))
-        if f.config.peak:
-            extra.append(np.minimum(self._peak_import / self.scales.max_import_kwh, 1.0)[:, None])
+        fleet_features = None
         if f.config.fleet:
             need_kwh, laxity_h = self.fleet_needs(self.t)
-            extra.append(fleet.aggregates(need_kwh, laxity_h, self.n_sockets, self._max_need_kwh))
-        if not extra:
-            return obs
-        return np.concatenate([obs, *extra], axis=1).astype(np.float32)
+            fleet_features = fleet.aggregates(
+                need_kwh, laxity_h, self.n_sockets, self._max_need_kwh
+            )
+        return compose_observation(
+            normalize_observation(raw, self.obs_low, self.obs_span),
+            f,
+            f.table[min(self.t, f.table.shape[0] - 1)],
+            self._peak_import,
+            self.scales.max_import_kwh,
+            fleet_features,
+        )
 
     def plugged_soc(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of step t and capacity [kWh] of the vehicles plugged in then,
@@ -336,24 +539,32 @@ class SiteStep:
         """Battery actions [-1, 1] that bring step t's grid import to ``target`` (-1..1 ->
         0..the largest possible import [kWh]) given its load, PV and the sockets' draw at
         their actions; the battery's limits and losses decide how close it gets."""
-        target_kwh = (target + 1.0) / 2.0 * self.scales.max_import_kwh
-        ev_kwh = ev_action.sum(axis=1) * self._socket_grid_kwh
-        bess_kwh = target_kwh - (self._load[t] + ev_kwh - self._pv[t])
-        return np.clip(bess_kwh / self._bess_step_kwh, -1.0, 1.0)
+        m = self.action_map
+        return battery_for_target(
+            target,
+            ev_action,
+            self._load[t],
+            self._pv[t],
+            m.max_import_kwh,
+            m.socket_grid_kwh,
+            m.bess_step_kwh,
+        )
 
     def ev_actions(self, a: np.ndarray, t: int) -> np.ndarray:
         """The socket actions [n_envs, socket] of clipped actions: as given (per_socket), or
         each class's intensity allocated by least laxity (fleet)."""
-        if self.action_mode == "per_socket":
-            return a[:, 1:]
-        out = np.zeros((self.n_envs, self.n_sockets))
         plugged = self._plugged[t]
-        if plugged.size:
-            need_kwh, laxity_h = self.fleet_needs(t)
-            out[:, plugged] = fleet.allocate(
-                a[:, 1:], self._socket_class[plugged], need_kwh, laxity_h, self._step_kwh
-            )
-        return out
+        need_kwh, laxity_h = self.fleet_needs(t)
+        return socket_actions(
+            a,
+            self.action_mode,
+            self.n_sockets,
+            plugged,
+            self._socket_class[plugged],
+            need_kwh,
+            laxity_h,
+            self._step_kwh,
+        )
 
     def set_obs_bounds(self, low: np.ndarray, span: np.ndarray) -> None:
         """Scale observations with these bounds [raw units] instead of the simulator's."""
@@ -373,26 +584,27 @@ class SiteStep:
         if self.record:
             self.history_arrays = {k: np.zeros((n, self.n_steps)) for k in RECORD_FIELDS}
             self.components = {k: np.zeros((n, self.n_steps)) for k in (*rw.COMPONENTS, "total")}
+            self.state_arrays = {k: np.zeros((n, self.n_steps)) for k in STATE_FIELDS}
+            self._ev_soc = np.zeros((n, self.n_sockets, self.n_steps))
+            self._ev_action = np.zeros((n, self.n_sockets, self.n_steps))
         return self.observe(raw)
 
     def safety(self, ev_action: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Raise plugged sockets' actions [n_envs, socket] so that each EV can still reach
         its required SOC; returns the new actions and the battery-side energy forced [kWh]."""
-        new = ev_action.copy()
-        forced = np.zeros_like(ev_action)
         plugged = self._plugged[t]
         if plugged.size == 0:
-            return new, forced
+            return ev_action.copy(), np.zeros_like(ev_action)
         soc, cap = self.plugged_soc(t)
-        new[:, plugged], forced[:, plugged] = safety_actions(
-            ev_action[:, plugged],
+        return plugged_safety(
+            ev_action,
+            plugged,
             soc,
             cap,
             self.sim.required_soc[plugged, t],
             self.sim.departure_steps[plugged, t],
             self._step_kwh,
         )
-        return new, forced
 
     def step(
         self, actions: np.ndarray
@@ -400,13 +612,24 @@ class SiteStep:
         """Actions [n_envs, 1 + EV actions] -> (observations, rewards [n_envs] less the
         baseline, done, reward parts)."""
         t = self.t
-        a = clip_action(actions, self.action_space.low, self.action_space.high, self.n_envs)
-        ev_action = self.ev_actions(a, t)
-        forced = np.zeros_like(ev_action)
-        if self.safety_layer and self.n_sockets:
-            ev_action, forced = self.safety(ev_action, t)
-        if self.battery_action == "grid_target":
-            a[:, 0] = self.battery_for_target(a[:, 0], ev_action, t)
+        plugged = self._plugged[t]
+        soc = cap = np.zeros((self.n_envs, 0))
+        if plugged.size and (self.safety_layer or self.action_mode == "fleet"):
+            soc, cap = self.plugged_soc(t)
+        if self.record:
+            self._record_state(t, soc)
+        a, ev_action, forced = self.action_map.apply(
+            np.asarray(actions).reshape(self.n_envs, -1),
+            plugged,
+            soc,
+            cap,
+            self.sim.required_soc[plugged, t],
+            self.sim.departure_steps[plugged, t],
+            self._load[t],
+            self._pv[t],
+        )
+        if self.record:
+            self._ev_action[:, :, t] = ev_action
         raw, q, done = self.sim.step(np.concatenate([a[:, :1], ev_action], axis=1))
         self._soc_at = (-1, None, None)  # the step changed them
         flows = step_flows(
@@ -452,6 +675,61 @@ class SiteStep:
         self.t = t + 1
         return self.observe(raw), total - self.reward_baseline[t], done, parts
 
+    def _record_state(self, t: int, soc: np.ndarray) -> None:
+        """What the controller knew at the start of step t (a served controller's request):
+        the battery's SOC and the last step's net use as observed, the running peak, the
+        plugged vehicles' SOC."""
+        st = self.state_arrays
+        raw = self._raw
+        st["battery_soc_frac"][:, t] = raw[:, self._soc_obs] if self._soc_obs >= 0 else np.nan
+        st["prev_net_kw"][:, t] = (
+            raw[:, self._net_obs] / STEP_HOURS if self._net_obs >= 0 else np.nan
+        )
+        st["peak_import_kw"][:, t] = self._peak_import / STEP_HOURS
+        plugged = self._plugged[t]
+        if plugged.size:
+            if soc.shape[1] != plugged.size:
+                soc, _ = self.plugged_soc(t)
+            self._ev_soc[:, plugged, t] = soc
+
+    def state_frame(self, copy: int = 0) -> pd.DataFrame:
+        """One copy's state at the start of each step so far, in physical units, and what
+        its devices were told, in ``pvbess.deploy``'s request and response columns (one
+        row per step): a served controller answers each row as this env did."""
+        n = self.t
+        sim = self.sim
+        plugged = sim.state[:, :n] == 1
+        cols: dict[str, np.ndarray] = {
+            "pv_kw": self._pv[:n] / STEP_HOURS,
+            "load_kw": self._load[:n] / STEP_HOURS,
+        }
+        cols |= {k: v[copy, :n] for k, v in self.state_arrays.items()}
+        for i in range(self.n_sockets):
+            p = plugged[i]
+            cols[f"plugged_{i + 1}"] = p.astype(np.int64)
+            cols[f"soc_frac_{i + 1}"] = np.where(p, self._ev_soc[copy, i, :n], 0.0)
+            cols[f"hours_to_departure_{i + 1}"] = np.where(
+                p, sim.departure_steps[i, :n] * STEP_HOURS, 0.0
+            )
+            cols[f"required_soc_frac_{i + 1}"] = np.where(p, sim.required_soc[i, :n], 0.0)
+        obs = self.features.config
+        if obs.forecast != "none":
+            tables = features.forecast_tables(self.dataset, obs)
+            for name, table in tables.items():
+                for j, h in enumerate(obs.forecast_leads_h):
+                    cols[forecast_column(name, h)] = table[:n, j] / STEP_HOURS
+        battery_kw, socket_kw = device_powers(
+            self.history_arrays["action_bess"][copy, :n],
+            self._ev_action[copy, :, :n],
+            plugged,
+            self.site.bess.power_kw,
+            self.site.ev.socket_power_kw,
+        )
+        cols["battery_kw"] = battery_kw
+        for i in range(self.n_sockets):
+            cols[f"socket_kw_{i + 1}"] = socket_kw[i]
+        return pd.DataFrame(cols, index=self.dataset.index[:n])
+
     def _record(
         self,
         t: int,
@@ -481,4 +759,4 @@ class SiteStep:
         frame["carbon_kg_per_kwh"] = self._carbon[:n]
         for k, v in self.components.items():
             frame[f"reward_{k}"] = v[copy, :n]
-        return frame
+        return pd.concat([frame, self.state_frame(copy)], axis=1)

@@ -211,14 +211,29 @@ def validate_inputs(
     return messages
 
 
+def calendar(index: pd.DatetimeIndex) -> dict[str, np.ndarray]:
+    """CityLearn's calendar of each step: month, hour 1..24 (hour ending), day_type 1..7 =
+    Mon..Sun (local time)."""
+    return {
+        "month": index.month.to_numpy(),
+        "hour": index.hour.to_numpy() + 1,
+        "day_type": index.dayofweek.to_numpy() + 1,
+    }
+
+
+def solar_generation_w_per_kw(pv_kwh: np.ndarray, dc_kwp: float) -> np.ndarray:
+    """PV per kWp as the building file holds it [W/kW]; 0 without PV."""
+    return pv_kwh / dc_kwp * 1000.0 if dc_kwp > 0 else np.zeros(len(pv_kwh))
+
+
 def _building_frame(index: pd.DatetimeIndex, series: pd.DataFrame, dc_kwp: float) -> pd.DataFrame:
     zeros = np.zeros(len(index))
-    # CityLearn: hour 1..24 (hour ending), day_type 1..7 = Mon..Sun.
+    cal = calendar(index)
     return pd.DataFrame(
         {
-            "month": index.month,
-            "hour": index.hour + 1,
-            "day_type": index.dayofweek + 1,
+            "month": cal["month"],
+            "hour": cal["hour"],
+            "day_type": cal["day_type"],
             "daylight_savings_status": 0,
             "indoor_dry_bulb_temperature": 24.0,
             "average_unmet_cooling_setpoint_difference": 0.0,
@@ -227,9 +242,7 @@ def _building_frame(index: pd.DatetimeIndex, series: pd.DataFrame, dc_kwp: float
             "dhw_demand": zeros,
             "cooling_demand": zeros,
             "heating_demand": zeros,
-            "solar_generation": (
-                series["pv_kwh"].to_numpy() / dc_kwp * 1000.0 if dc_kwp > 0 else zeros
-            ),
+            "solar_generation": solar_generation_w_per_kw(series["pv_kwh"].to_numpy(), dc_kwp),
             "occupant_count": 0,
             "power_outage": 0,
         }

@@ -336,9 +336,7 @@ def _load_twin_data(schema_path: Path, socket_ids: list[str]) -> TwinData:
     if "power_outage" in frame and np.any(frame["power_outage"].to_numpy() != 0):
         raise _unsupported("power outages")
     pv_kw = float(building["pv"]["attributes"]["nominal_power"])
-    solar32 = np.array(frame["solar_generation"], dtype=F32)
-    # PV.get_generation (per kW, W/kW) on float32 data, as CityLearn computes it.
-    pv_kwh32 = np.array(pv_kw * solar32 / 1000.0 * (3600.0 / 3600.0), dtype=F32)
+    pv_kwh32 = pv_generation_kwh32(np.array(frame["solar_generation"], dtype=F32), pv_kw)
     pricing = _read_rows(root / building["pricing"], n_rows)
     carbon = _read_rows(root / building["carbon_intensity"], n_rows)
 
@@ -553,6 +551,11 @@ def _unplugged_events(
                 kind[e[ok], t[ok]] = 2
                 event32[e[ok], t[ok]] = soc[t[ok]]
     return kind[:n_evs], event32[:n_evs]
+
+
+def pv_generation_kwh32(solar_w_per_kw32: np.ndarray, nominal_kw: float) -> np.ndarray:
+    """PV.get_generation (per kW, W/kW) on float32 data, as CityLearn computes it [kWh]."""
+    return np.array(nominal_kw * solar_w_per_kw32 / 1000.0 * (3600.0 / 3600.0), dtype=F32)
 
 
 def _exogenous(data: TwinData) -> dict[str, np.ndarray]:
