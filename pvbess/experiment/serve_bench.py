@@ -89,11 +89,14 @@ def run_requests(run_id: str, store: str, tmp: str) -> pd.DataFrame:
     columns = [c.name for c in info.signature.inputs.inputs]
     path = MlflowClient().download_artifacts(run_id, "eval_timeseries.csv", tmp)
     ts = pd.read_csv(path, index_col="time", float_precision="round_trip")
+    extra = {}
     for col in columns:
         if col not in ts.columns and "_forecast_" in col:
             quantity, lead = col.split("_forecast_")
             h = int(float(lead[:-4]))
-            ts[col] = ts[f"{quantity}_kw"].shift(-h).ffill()
+            extra[col] = ts[f"{quantity}_kw"].shift(-h).ffill()
+    # One concat, not a column at a time: pandas warns about a fragmented frame.
+    ts = pd.concat([ts, pd.DataFrame(extra, index=ts.index)], axis=1)
     return deploy.request_frame(ts, columns)
 
 
