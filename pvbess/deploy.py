@@ -34,6 +34,7 @@ import copy
 import logging
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -525,14 +526,17 @@ def log_controller(model: Any, env: Any, agent_target: str, agent: str) -> str |
             if vec_normalize is not None:
                 artifacts["vecnormalize"] = str(Path(tmp) / "vecnormalize.pkl")
                 vec_normalize.save(artifacts["vecnormalize"])
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=ControllerModel(),
-            artifacts=artifacts,
-            signature=signature(spec),
-            pip_requirements=_requirements(),
-            metadata={"site": spec.site, "agent": agent, "n_sockets": spec.n_sockets},
-        )
+        with warnings.catch_warnings():
+            # The signature names and types every column; MLflow still asks for an example.
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=ControllerModel(),
+                artifacts=artifacts,
+                signature=signature(spec),
+                pip_requirements=_requirements(),
+                metadata={"site": spec.site, "agent": agent, "n_sockets": spec.n_sockets},
+            )
     mlflow.set_tag("controller", MODEL_NAME)
     return info.model_uri
 
