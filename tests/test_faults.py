@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_four_runs_started_together_on_a_new_store_all_finish(tmp_path: Path) ->
             assert key in run.data.metrics, (key, run.data.metrics.keys())
 
 
-def _wait_for(condition, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
     end = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > end:

@@ -187,7 +187,12 @@ class Controller:
     def predict(
         self, observation: np.ndarray, deterministic: bool = True
     ) -> tuple[np.ndarray, None]:
-        raise NotImplementedError
+        """The decision of ``self.policy`` (``FullPower``, ``Rules``: what a served
+        controller runs too) on what the controller measures; others override this."""
+        policy = getattr(self, "policy", None)
+        if policy is None:
+            raise NotImplementedError
+        return policy.act(self.measure(observation)).reshape(self.action_shape), None
 
 
 class Uncontrolled(Controller):
@@ -203,11 +208,6 @@ class Uncontrolled(Controller):
     ) -> None:
         super().__init__(env, seed=seed, device=device, name=name)
         self.policy = FullPower(self.sockets)
-
-    def predict(
-        self, observation: np.ndarray, deterministic: bool = True
-    ) -> tuple[np.ndarray, None]:
-        return self.policy.act(self.measure(observation)).reshape(self.action_shape), None
 
 
 @dataclass(frozen=True)
@@ -272,11 +272,6 @@ class RuleBased(Controller):
             eta=one_way_efficiency_frac(bess),
             ev_from_surplus=ev_from_surplus,
         )
-
-    def predict(
-        self, observation: np.ndarray, deterministic: bool = True
-    ) -> tuple[np.ndarray, None]:
-        return self.policy.act(self.measure(observation)).reshape(self.action_shape), None
 
 
 @dataclass(frozen=True)

@@ -111,11 +111,7 @@ def read_series(source: CsvSourceConfig, index: pd.DatetimeIndex, *, name: str) 
     naive_tz = _naive_timezone(source, site_tz, name)
     path = _existing_path(source, name)
 
-    if source.separator not in SEPARATORS:
-        raise ConfigError(
-            f"{name}.csv.separator: unknown separator {source.separator!r} (choose auto, ',', "
-            "';', tab or '|')"
-        )
+    source.check_source(f"{name}.csv")  # also for a source built in code, not validated
     frame, separator = _read_table(path, SEPARATORS[source.separator])
     ctx = _Ctx(path, source.time_column, source.value_column)
     _require_columns(frame, ctx, auto_separator=source.separator == "auto", separator=separator)
