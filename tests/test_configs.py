@@ -12,7 +12,7 @@ from .conftest import CONF, compose_cfg, run_module
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("agent", "reward", "site", "device", "env", "experiment")
+    for group in ("agent", "reward", "site", "device", "env", "experiment", "levers")
 }
 
 
@@ -20,7 +20,9 @@ GROUPS = {
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose_cfg([f"{group}={option}"])
     typed = config.validate(cfg)
-    if group != "experiment":  # '# @package _global_': no key of its own
+    if group == "levers":  # '# @package env': it sets env.*
+        assert typed.env.normalize == (option not in ("none", "no_normalize"))
+    elif group != "experiment":  # '# @package _global_': no key of its own
         assert cfg[group] is not None
     if group == "agent":
         assert callable(instantiate(cfg.agent))
