@@ -409,7 +409,7 @@ BACKENDS = ("citylearn", "twin")
 FORECASTS = ("none", "perfect", "persistence", "noisy")
 ACTION_MODES = ("per_socket", "fleet")
 BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
-REWARD_BASELINES = ("none", "uncontrolled")
+REWARD_BASELINES = ("none", "uncontrolled", "mpc")
 
 
 @dataclass
@@ -491,6 +491,8 @@ class EnvConfig:
     residual_frac: float = 0.5
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
+    # mpc (with battery_action=mpc_residual): the reward of the MPC's battery with the
+    # site's own charging, i.e. of the learner's zero correction, at the same step.
     reward_baseline: str = "none"
     # SB3's VecNormalize on the training env (observations and reward), saved with every
     # checkpoint, frozen at evaluation.
@@ -517,6 +519,11 @@ class EnvConfig:
             self.reward_baseline in REWARD_BASELINES,
             "env.reward_baseline",
             f"unknown baseline {self.reward_baseline!r} (choose {' | '.join(REWARD_BASELINES)})",
+        )
+        _require(
+            self.reward_baseline != "mpc" or self.battery_action == "mpc_residual",
+            "env.reward_baseline",
+            "mpc is the baseline of a residual learner: it needs env.battery_action=mpc_residual",
         )
         _require(
             self.backend in BACKENDS,

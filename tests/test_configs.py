@@ -136,6 +136,8 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_co2_only"]["reward"] == ["co2_only"]
     assert swept["study_learners"]["agent"] == ["ppo", "a2c"]
     assert swept["study_sac"]["agent"] == ["sac"]
-    for name in ("study_learners", "study_sac"):
+    assert swept["study_residual"]["agent"] == ["ppo_residual"]
+    assert swept["study_residual"]["levers"] == ["mpc_residual"]
+    for name in ("study_learners", "study_sac", "study_residual"):
         assert swept[name]["seed"] == ["0", "1", "2"]
         assert swept[name]["reward"] == ["balanced", "cost_heavy"]

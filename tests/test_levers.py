@@ -222,6 +222,23 @@ def test_reward_baseline_leaves_the_objective_and_zeroes_the_reference(tiny_data
         env.core.set_reward_baseline(base[:-1])
 
 
+def test_mpc_baseline_is_the_residual_learners_zero_correction(tiny_dataset) -> None:
+    """``reward_baseline=mpc``: the reward of correction 0 and full charging, i.e. the MPC's
+    battery and the uncontrolled charging (fleet intensity 1); it zeroes that policy's
+    reward and differs from the uncontrolled baseline (the MPC moves the battery)."""
+    levers = {"action_mode": "fleet", "battery_action": "mpc_residual"}
+    base = uncontrolled_rewards(tiny_dataset, _reward(), **levers)
+    assert np.abs(base - uncontrolled_rewards(tiny_dataset, _reward())).max() > 1e-3
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    env.core.set_reward_baseline(base)
+    env.reset(seed=tiny_dataset.site.seed)
+    rewards, done = [], False
+    while not done:
+        _, r, done, _, _ = env.step(np.array([0.0, 1.0, 1.0]))
+        rewards.append(r)
+    assert np.abs(rewards).max() == 0.0
+
+
 def test_build_envs_with_levers(tiny_dataset, tiny_cfg) -> None:
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -265,6 +282,7 @@ def test_levers_label() -> None:
         ("env.residual_frac=0", "env.residual_frac"),
         ("env.residual_frac=2.5", "env.residual_frac"),
         ("env.reward_baseline=median", "env.reward_baseline"),
+        ("env.reward_baseline=mpc", "env.reward_baseline"),  # needs mpc_residual
         ("env.observations.forecast=psychic", "env.observations.forecast"),
         ("env.observations.forecast_leads_h=[0,3]", "env.observations.forecast_leads_h"),
     ],
@@ -328,8 +346,6 @@ def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tm
     assert second.obs_rms.count == count
 
 
-# MLflow asks for type hints on ControllerModel.predict when deploy is first imported.
-@pytest.mark.filterwarnings("ignore:Add type hints:UserWarning")
 def test_a_residual_learner_is_not_served(tiny_dataset) -> None:
     """The served model carries a learner's policy, not the MPC under it: refused by name,
     where the run would log ``controller=not deployable``."""

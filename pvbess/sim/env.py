@@ -220,8 +220,9 @@ def build_envs(
     features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
     vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
     import; ``mpc_residual``: a correction of up to ``residual_frac`` of the rating to
-    the forecast MPC's battery action), ``reward_baseline`` (``uncontrolled``: each training year's
-    uncontrolled reward per step is subtracted from its reward) and ``normalize``
+    the forecast MPC's battery action), ``reward_baseline`` (``uncontrolled``: each
+    training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
+    the reward of the residual learner's zero correction) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
     also scale the evaluation's observations, frozen). Controllers act per socket on
     the simulator's observations.
@@ -276,11 +277,16 @@ def build_envs(
 
         venv = train if isinstance(train, VecEnv) else DummyVecEnv([lambda: train])
         train = VecNormalize(venv, norm_obs=True, norm_reward=True, gamma=gamma)
-    if reward_baseline == "uncontrolled":
+    if reward_baseline in ("uncontrolled", "mpc"):
+        # mpc: the uncontrolled actions in the residual learner's env, i.e. the MPC's
+        # battery (correction 0) with the site's own charging.
+        under = levers if reward_baseline == "mpc" else {}
         for step, year in zip(steps, years, strict=True):
-            step.set_reward_baseline(uncontrolled_rewards(year, reward, safety_layer))
+            step.set_reward_baseline(uncontrolled_rewards(year, reward, safety_layer, **under))
     elif reward_baseline != "none":
-        raise ValueError(f"env.reward_baseline={reward_baseline!r}: choose none or uncontrolled")
+        raise ValueError(
+            f"env.reward_baseline={reward_baseline!r}: choose none, uncontrolled or mpc"
+        )
     evaluate.core.set_obs_bounds(low, span)
     curve = None
     if learning_curve:
@@ -321,18 +327,24 @@ def levers_label(
 
 
 def uncontrolled_rewards(
-    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool = True
+    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool = True, **levers: Any
 ) -> np.ndarray:
     """The uncontrolled site's reward at every step of ``dataset``'s year [n_steps] (the
-    twin when it models the schema, else CityLearn): the reward baseline."""
+    twin when it models the schema, else CityLearn): the reward baseline.
+
+    With a learner's ``levers``: the reward of battery action 0 and full charging in that
+    env (fleet: intensity 1 per class, the uncontrolled charging; ``mpc_residual``:
+    battery 0 is the MPC's battery). Any fixed series leaves the optimal policy unchanged.
+    """
     from pvbess.control.controllers import Uncontrolled
 
-    env = _curve_env(dataset, reward, safety_layer)
-    controller = Uncontrolled(env)
+    env = _curve_env(dataset, reward, safety_layer, **levers)
+    controller = Uncontrolled(env) if not levers else None
+    full = np.concatenate([[0.0], np.ones(env.action_space.shape[0] - 1)])
     obs, _ = env.reset(seed=dataset.site.seed)
     done = False
     while not done:
-        action, _ = controller.predict(obs)
+        action = full if controller is None else controller.predict(obs)[0]
         obs, _, done, _, _ = env.step(action)
     return env.history()["reward_total"].to_numpy()
 
