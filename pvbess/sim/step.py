@@ -650,9 +650,9 @@ class SiteStep:
             soc, cap = self.plugged_soc(t)
         if self.record:
             self._record_state(t, soc)
-        actions = np.asarray(actions, dtype=np.float64).reshape(self.n_envs, -1)
+        actions = np.asarray(actions).reshape(self.n_envs, -1)
         if self.mpc_base is not None:
-            actions = actions.copy()
+            actions = actions.astype(np.float64)  # a copy: the caller's array stays as it was
             actions[:, 0] = (
                 self.residual_frac * np.clip(actions[:, 0], -1.0, 1.0) + self._base_battery
             )
