@@ -38,11 +38,13 @@ compare: install ## Compare the site's runs from MLflow: make compare ARGS="site
 SITE ?= iquitos_mall
 BUDGET ?= 300000
 SAC_BUDGET ?= 50000
-compare-all: install ## The whole study for SITE on its held-out year: baselines, MPC, optimum, PPO/A2C (BUDGET steps) and SAC (SAC_BUDGET) x 3 seeds, compare (verified in CityLearn)
+RESIDUAL_BUDGET ?= 50000
+compare-all: install ## The whole study for SITE on its held-out year: baselines, MPC, optimum, PPO/A2C (BUDGET steps), SAC (SAC_BUDGET) and PPO on the MPC (RESIDUAL_BUDGET) x 3 seeds, compare (verified in CityLearn)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_baselines site=$(SITE) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_co2_only site=$(SITE) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_learners site=$(SITE) total_timesteps=$(BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun experiment=study_sac site=$(SITE) total_timesteps=$(SAC_BUDGET) $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun experiment=study_residual site=$(SITE) total_timesteps=$(RESIDUAL_BUDGET) $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) verify=true
 
 compare-tuned: install ## The tuned presets (conf/agent/*_tuned.yaml) on the held-out year, 3 seeds, in their own MLflow experiment, then compare

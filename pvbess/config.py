@@ -408,8 +408,8 @@ BACKENDS = ("citylearn", "twin")
 
 FORECASTS = ("none", "perfect", "persistence", "noisy")
 ACTION_MODES = ("per_socket", "fleet")
-BATTERY_ACTIONS = ("power", "grid_target")
-REWARD_BASELINES = ("none", "uncontrolled")
+BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
+REWARD_BASELINES = ("none", "uncontrolled", "mpc")
 
 
 @dataclass
@@ -482,10 +482,17 @@ class EnvConfig:
     action_mode: str = "per_socket"
     # power: the battery action is its power (/ rating); grid_target: the grid import the
     # battery aims for this step (-1..1 -> 0..the largest possible import), from the
-    # step's load, PV and EV charging (learners only).
+    # step's load, PV and EV charging; mpc_residual: the learner's action, times
+    # residual_frac, is added to the battery action of the persistence-forecast MPC's
+    # planner at the same state, which it also observes (learners only).
     battery_action: str = "power"
+    # The largest correction [/ rating] a residual learner (battery_action=mpc_residual)
+    # makes to the MPC's battery action.
+    residual_frac: float = 0.5
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
+    # mpc (with battery_action=mpc_residual): the reward of the MPC's battery with the
+    # site's own charging, i.e. of the learner's zero correction, at the same step.
     reward_baseline: str = "none"
     # SB3's VecNormalize on the training env (observations and reward), saved with every
     # checkpoint, frozen at evaluation.
@@ -504,9 +511,19 @@ class EnvConfig:
             f"(choose {' | '.join(BATTERY_ACTIONS)})",
         )
         _require(
+            0.0 < self.residual_frac <= 2.0,
+            "env.residual_frac",
+            f"must be in (0, 2] (a share of the battery's rating), got {self.residual_frac}",
+        )
+        _require(
             self.reward_baseline in REWARD_BASELINES,
             "env.reward_baseline",
             f"unknown baseline {self.reward_baseline!r} (choose {' | '.join(REWARD_BASELINES)})",
+        )
+        _require(
+            self.reward_baseline != "mpc" or self.battery_action == "mpc_residual",
+            "env.reward_baseline",
+            "mpc is the baseline of a residual learner: it needs env.battery_action=mpc_residual",
         )
         _require(
             self.backend in BACKENDS,

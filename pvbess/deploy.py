@@ -148,6 +148,12 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
     policy = None
     leads: list[float] = []
     if learner:
+        if core.mpc_base is not None:
+            raise NotDeployable(
+                f"agent {agent!r} is a residual learner (env.battery_action=mpc_residual): its "
+                "battery action adds to the MPC planner's, which the served model does not "
+                "carry; serve agent=mpc_persistence, or train with env.battery_action=power"
+            )
         obs = core.features.config
         if obs.forecast != "none":
             leads = list(obs.forecast_leads_h)

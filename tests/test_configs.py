@@ -12,7 +12,7 @@ from .conftest import CONF, compose_cfg, run_module
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("agent", "reward", "site", "device", "env", "experiment")
+    for group in ("agent", "reward", "site", "device", "env", "experiment", "levers")
 }
 
 
@@ -20,7 +20,9 @@ GROUPS = {
 def test_every_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose_cfg([f"{group}={option}"])
     typed = config.validate(cfg)
-    if group != "experiment":  # '# @package _global_': no key of its own
+    if group == "levers":  # '# @package env': it sets env.*
+        assert typed.env.normalize == (option not in ("none", "no_normalize"))
+    elif group != "experiment":  # '# @package _global_': no key of its own
         assert cfg[group] is not None
     if group == "agent":
         assert callable(instantiate(cfg.agent))
@@ -134,6 +136,8 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_co2_only"]["reward"] == ["co2_only"]
     assert swept["study_learners"]["agent"] == ["ppo", "a2c"]
     assert swept["study_sac"]["agent"] == ["sac"]
-    for name in ("study_learners", "study_sac"):
+    assert swept["study_residual"]["agent"] == ["ppo_residual"]
+    assert swept["study_residual"]["levers"] == ["mpc_residual"]
+    for name in ("study_learners", "study_sac", "study_residual"):
         assert swept[name]["seed"] == ["0", "1", "2"]
         assert swept[name]["reward"] == ["balanced", "cost_heavy"]

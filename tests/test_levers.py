@@ -105,7 +105,7 @@ def test_features_by_hand(tiny_dataset) -> None:
     assert f.table.shape == (len(tiny_dataset.index) + 1, 6 + 2 + 2)
 
 
-@pytest.mark.parametrize("battery_action", ["power", "grid_target"])
+@pytest.mark.parametrize("battery_action", ["power", "grid_target", "mpc_residual"])
 def test_all_levers_identical_on_both_simulators(tiny_dataset, battery_action: str) -> None:
     """Every feature, the fleet allocation and the battery's grid target run in the one
     step: CityLearn and the twin give the same observations, rewards and history."""
@@ -120,7 +120,8 @@ def test_all_levers_identical_on_both_simulators(tiny_dataset, battery_action: s
             battery_action=battery_action,
         )
         assert env.action_space.shape == (3,)  # battery + 2 vehicle classes
-        assert env.observation_space.shape == (9 + 22,)  # no sockets, 22 features
+        # No sockets, 22 features (+ the MPC's battery action a residual learner adds to).
+        assert env.observation_space.shape == (9 + 22 + (battery_action == "mpc_residual"),)
         rng = np.random.default_rng(0)
         obs, _ = env.reset(seed=3)
         seen, rewards, done = [obs], [], False
@@ -145,6 +146,42 @@ def test_fleet_at_full_intensity_is_the_uncontrolled_site(tiny_dataset) -> None:
     ts = evaluation.rollout(env, _Constant(full), seed=0, progress=False)
     np.testing.assert_allclose(ts["ev_charging_kwh"], ref["ev_charging_kwh"], atol=1e-4)
     np.testing.assert_allclose(ts["reward_total"], ref["reward_total"], atol=1e-7)
+
+
+def test_zero_residual_is_the_served_mpc(tiny_dataset) -> None:
+    """A residual learner that adds nothing acts as the MPC planner (``agent=mpc``'s served
+    decision, on persistence forecasts) would at the same state, step after step; it
+    observes that action as its last feature, and its correction moves the battery."""
+    from pvbess.control.mpc import Mpc
+
+    plain = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    mpc = Mpc(plain, forecast="persistence", full_period_bound=False)
+    resid = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="mpc_residual")
+    assert resid.core.residual_frac == 0.5
+    pv = tiny_dataset.series["pv_kwh"].to_numpy()
+    load = tiny_dataset.series["load_kwh"].to_numpy()
+    obs, _ = plain.reset(seed=0)
+    robs, _ = resid.reset(seed=0)
+    ev = np.ones(plain.n_sockets)
+    actions = []
+    for _ in range(48):
+        t = plain._t
+        src = forecast.persistence_source(t, np.arange(1, mpc.horizon), len(pv))
+        bess = mpc.policy.act(mpc.measure(obs), pv[src], load[src])[0]
+        assert robs[-1] == pytest.approx((bess + 1) / 2, abs=1e-6)
+        actions.append(bess)
+        obs, r, *_ = plain.step(np.concatenate([[bess], ev]))
+        robs, rr, *_ = resid.step(np.concatenate([[0.0], ev]))
+        assert rr == pytest.approx(r, abs=1e-6)
+    assert np.ptp(actions) > 0.1  # the planner moved the battery
+    np.testing.assert_allclose(
+        resid.history()["battery_soc_frac"], plain.history()["battery_soc_frac"], atol=1e-6
+    )
+    # The correction: a full +1 adds residual_frac of the rating to the planner's action.
+    t = resid._t
+    base = resid.core._base_battery[0]
+    resid.step(np.concatenate([[1.0], ev]))
+    assert resid.history()["action_bess"].iloc[t] == pytest.approx(min(base + 0.5, 1.0))
 
 
 def test_grid_target_by_hand(tiny_dataset) -> None:
@@ -185,6 +222,23 @@ def test_reward_baseline_leaves_the_objective_and_zeroes_the_reference(tiny_data
         env.core.set_reward_baseline(base[:-1])
 
 
+def test_mpc_baseline_is_the_residual_learners_zero_correction(tiny_dataset) -> None:
+    """``reward_baseline=mpc``: the reward of correction 0 and full charging, i.e. the MPC's
+    battery and the uncontrolled charging (fleet intensity 1); it zeroes that policy's
+    reward and differs from the uncontrolled baseline (the MPC moves the battery)."""
+    levers = {"action_mode": "fleet", "battery_action": "mpc_residual"}
+    base = uncontrolled_rewards(tiny_dataset, _reward(), **levers)
+    assert np.abs(base - uncontrolled_rewards(tiny_dataset, _reward())).max() > 1e-3
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    env.core.set_reward_baseline(base)
+    env.reset(seed=tiny_dataset.site.seed)
+    rewards, done = [], False
+    while not done:
+        _, r, done, _, _ = env.step(np.array([0.0, 1.0, 1.0]))
+        rewards.append(r)
+    assert np.abs(rewards).max() == 0.0
+
+
 def test_build_envs_with_levers(tiny_dataset, tiny_cfg) -> None:
     from stable_baselines3.common.vec_env import VecNormalize
 
@@ -215,6 +269,9 @@ def test_levers_label() -> None:
     assert levers_label(ALL_ON, "fleet", "none", False) == (
         "obs=time+tariff+peak+fleet+fc:noisy:1,3,6,12,24:0.2+-sockets act=fleet"
     )
+    assert levers_label(ObservationConfig(), "fleet", "none", False, "mpc_residual", 0.25) == (
+        "act=fleet bess=mpc_residual:0.25"
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,7 +279,10 @@ def test_levers_label() -> None:
     [
         ("env.action_mode=per_vehicle", "env.action_mode"),
         ("env.battery_action=soc_target", "env.battery_action"),
+        ("env.residual_frac=0", "env.residual_frac"),
+        ("env.residual_frac=2.5", "env.residual_frac"),
         ("env.reward_baseline=median", "env.reward_baseline"),
+        ("env.reward_baseline=mpc", "env.reward_baseline"),  # needs mpc_residual
         ("env.observations.forecast=psychic", "env.observations.forecast"),
         ("env.observations.forecast_leads_h=[0,3]", "env.observations.forecast_leads_h"),
     ],
@@ -284,3 +344,13 @@ def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tm
     count = second.obs_rms.count
     policy.predict(np.zeros(second.observation_space.shape, dtype=np.float32))
     assert second.obs_rms.count == count
+
+
+def test_a_residual_learner_is_not_served(tiny_dataset) -> None:
+    """The served model carries a learner's policy, not the MPC under it: refused by name,
+    where the run would log ``controller=not deployable``."""
+    from pvbess import deploy
+
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="mpc_residual")
+    with pytest.raises(deploy.NotDeployable, match="residual learner"):
+        deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")

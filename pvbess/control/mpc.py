@@ -267,6 +267,34 @@ class Planner:
         return s.action(float(bess), ev_kwh / s.socket_kwh)
 
 
+def planner_template(p: optimal.Problem) -> optimal.Problem:
+    """The optimum's problem without its period: what a ``Planner`` fills per window."""
+    empty = np.zeros(0)
+    nothing = np.zeros(0, dtype=np.int64)
+    return replace(
+        p,
+        pv_kwh=empty,
+        load_kwh=empty,
+        price_per_kwh=empty,
+        carbon_kg_per_kwh=empty,
+        session_socket=nothing,
+        session_arrival_step=nothing,
+        session_departure_step=nothing,
+        session_energy_kwh=empty,
+    )
+
+
+LP_ONLY: dict[str, Any] = {
+    "solver": "choose",
+    "time_limit_s": 60.0,
+    "threads": 0,
+    "mip_rel_gap": 1e-6,
+    "gap_tol_rel": math.inf,
+    "max_rounds": 1,
+    "measure_memory": False,
+}
+
+
 class Mpc(Controller):
     """Rolling-horizon optimum on forecasts (see the module docstring)."""
 
@@ -343,20 +371,8 @@ class Mpc(Controller):
         self._plan_ev_kwh = np.zeros((e.n_sockets, 0))  # grid-side energy [socket, step]
         self._last_t = -1
         self.stats = _Stats()
-        empty = np.zeros(0)
-        nothing = np.zeros(0, dtype=np.int64)
         self.policy = Planner(
-            template=replace(
-                p,
-                pv_kwh=empty,
-                load_kwh=empty,
-                price_per_kwh=empty,
-                carbon_kg_per_kwh=empty,
-                session_socket=nothing,
-                session_arrival_step=nothing,
-                session_departure_step=nothing,
-                session_energy_kwh=empty,
-            ),
+            template=planner_template(p),
             sockets=self.sockets,
             tariff=e.site.tariff,
             grid=e.site.grid,

@@ -315,6 +315,7 @@ def solve(
     mip_rel_gap: float = 1e-6,
     gap_tol_rel: float = 1e-6,
     max_rounds: int = 20,
+    measure_memory: bool = True,
 ) -> Solution:
     """The optimum of ``p``: the LP, made exact with binaries where it needs them.
 
@@ -322,11 +323,12 @@ def solve(
     HiGHS's MIP solver); ``time_limit_s`` bounds all solves together; ``threads`` 0 =
     HiGHS's default. ``mip_rel_gap`` is HiGHS's relative gap for every MILP; the search
     ends once the realized schedule is within ``gap_tol_rel`` (relative) of the best
-    lower bound, or after ``max_rounds`` solves of the whole horizon. See the module
+    lower bound, or after ``max_rounds`` solves of the whole horizon; ``measure_memory``
+    samples the solve's peak memory (``peak_memory_mb``, else NaN). See the module
     docstring for the method.
     """
     n = p.n_steps
-    with _PeakMemory() as memory:
+    with _PeakMemory(enabled=measure_memory) as memory:
         started = time.perf_counter()
         cells = _cells(p)
         lay = _Layout(n_steps=n, n_cells=len(cells.step), with_grid=p.weights.grid > 0)

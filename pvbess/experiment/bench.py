@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> None:
 
             e = typed.env
             levers = levers_label(
-                e.observations, e.action_mode, e.reward_baseline, e.normalize, e.battery_action
+                e.observations,
+                e.action_mode,
+                e.reward_baseline,
+                e.normalize,
+                e.battery_action,
+                e.residual_frac,
             )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "

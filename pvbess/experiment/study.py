@@ -126,7 +126,8 @@ def study_commands(
     """The command lines of one part of the study, from its Makefile target.
 
     ``overrides`` go into ``ARGS`` (not for ``tests``). For ``compare-all``, a
-    ``total_timesteps=N`` among them becomes ``BUDGET=N`` and ``SAC_BUDGET=N`` unless
+    ``total_timesteps=N`` among them becomes ``BUDGET``, ``SAC_BUDGET`` and
+    ``RESIDUAL_BUDGET`` ``=N`` unless
     ``budget`` is given (the target sets total_timesteps from them itself).
     """
     variables = {"BIN": shlex.quote(bin_dir or str(Path(sys.executable).parent))}
@@ -136,7 +137,7 @@ def study_commands(
         variables["SITE"] = site
         if budget is not None or steps:
             variables["BUDGET"] = str(budget if budget is not None else steps[-1])
-            variables["SAC_BUDGET"] = variables["BUDGET"]
+            variables["SAC_BUDGET"] = variables["RESIDUAL_BUDGET"] = variables["BUDGET"]
         args = [o for o in overrides if _key(o) != "total_timesteps"]
     elif part == "tests":
         args = []

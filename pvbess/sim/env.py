@@ -51,6 +51,7 @@ class SiteEnv(gym.Env):
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
         battery_action: str = "power",
+        residual_frac: float = 0.5,
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -75,6 +76,7 @@ class SiteEnv(gym.Env):
             observations=observations,
             action_mode=action_mode,
             battery_action=battery_action,
+            residual_frac=residual_frac,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -196,6 +198,7 @@ def build_envs(
     observations: ObservationConfig | Mapping[str, Any] | None = None,
     action_mode: str = "per_socket",
     battery_action: str = "power",
+    residual_frac: float = 0.5,
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -216,8 +219,10 @@ def build_envs(
     A learner's levers (issue 15; tag ``env_levers``): ``observations`` (extra
     features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
     vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
-    import), ``reward_baseline`` (``uncontrolled``: each training year's
-    uncontrolled reward per step is subtracted from its reward) and ``normalize``
+    import; ``mpc_residual``: a correction of up to ``residual_frac`` of the rating to
+    the forecast MPC's battery action), ``reward_baseline`` (``uncontrolled``: each
+    training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
+    the reward of the residual learner's zero correction) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
     also scale the evaluation's observations, frozen). Controllers act per socket on
     the simulator's observations.
@@ -235,7 +240,12 @@ def build_envs(
         if isinstance(observations, ObservationConfig)
         else ObservationConfig(**dict(observations or {}))
     )
-    levers = {"observations": obs, "action_mode": action_mode, "battery_action": battery_action}
+    levers = {
+        "observations": obs,
+        "action_mode": action_mode,
+        "battery_action": battery_action,
+        "residual_frac": residual_frac,
+    }
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
         raise ValueError("build_envs needs data_dir to build the training years")
@@ -244,7 +254,9 @@ def build_envs(
         "train_seeds": ",".join(str(s) for s in train_seeds),
         "train_data_hashes": ",".join(y.data_hash for y in years),
         "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
-        "env_levers": levers_label(obs, action_mode, reward_baseline, normalize, battery_action),
+        "env_levers": levers_label(
+            obs, action_mode, reward_baseline, normalize, battery_action, residual_frac
+        ),
     }
     if n_envs > 1:
         train: Any = TwinVecEnv(
@@ -265,11 +277,16 @@ def build_envs(
 
         venv = train if isinstance(train, VecEnv) else DummyVecEnv([lambda: train])
         train = VecNormalize(venv, norm_obs=True, norm_reward=True, gamma=gamma)
-    if reward_baseline == "uncontrolled":
+    if reward_baseline in ("uncontrolled", "mpc"):
+        # mpc: the uncontrolled actions in the residual learner's env, i.e. the MPC's
+        # battery (correction 0) with the site's own charging.
+        under = levers if reward_baseline == "mpc" else {}
         for step, year in zip(steps, years, strict=True):
-            step.set_reward_baseline(uncontrolled_rewards(year, reward, safety_layer))
+            step.set_reward_baseline(uncontrolled_rewards(year, reward, safety_layer, **under))
     elif reward_baseline != "none":
-        raise ValueError(f"env.reward_baseline={reward_baseline!r}: choose none or uncontrolled")
+        raise ValueError(
+            f"env.reward_baseline={reward_baseline!r}: choose none, uncontrolled or mpc"
+        )
     evaluate.core.set_obs_bounds(low, span)
     curve = None
     if learning_curve:
@@ -284,6 +301,7 @@ def levers_label(
     reward_baseline: str,
     normalize: bool,
     battery_action: str = "power",
+    residual_frac: float = 0.5,
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -297,7 +315,9 @@ def levers_label(
     parts = [f"obs={'+'.join(feats)}"] if feats else []
     if action_mode != "per_socket":
         parts.append(f"act={action_mode}")
-    if battery_action != "power":
+    if battery_action == "mpc_residual":
+        parts.append(f"bess={battery_action}:{residual_frac:g}")
+    elif battery_action != "power":
         parts.append(f"bess={battery_action}")
     if reward_baseline != "none":
         parts.append(f"base={reward_baseline}")
@@ -307,18 +327,24 @@ def levers_label(
 
 
 def uncontrolled_rewards(
-    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool = True
+    dataset: SiteDataset, reward: RewardConfig, safety_layer: bool = True, **levers: Any
 ) -> np.ndarray:
     """The uncontrolled site's reward at every step of ``dataset``'s year [n_steps] (the
-    twin when it models the schema, else CityLearn): the reward baseline."""
+    twin when it models the schema, else CityLearn): the reward baseline.
+
+    With a learner's ``levers``: the reward of battery action 0 and full charging in that
+    env (fleet: intensity 1 per class, the uncontrolled charging; ``mpc_residual``:
+    battery 0 is the MPC's battery). Any fixed series leaves the optimal policy unchanged.
+    """
     from pvbess.control.controllers import Uncontrolled
 
-    env = _curve_env(dataset, reward, safety_layer)
-    controller = Uncontrolled(env)
+    env = _curve_env(dataset, reward, safety_layer, **levers)
+    controller = Uncontrolled(env) if not levers else None
+    full = np.concatenate([[0.0], np.ones(env.action_space.shape[0] - 1)])
     obs, _ = env.reset(seed=dataset.site.seed)
     done = False
     while not done:
-        action, _ = controller.predict(obs)
+        action = full if controller is None else controller.predict(obs)[0]
         obs, _, done, _, _ = env.step(action)
     return env.history()["reward_total"].to_numpy()
 

@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import ObservationConfig, RewardConfig, SiteConfig
+from pvbess.config import BATTERY_ACTIONS, ObservationConfig, RewardConfig, SiteConfig
 from pvbess.sim import features, fleet
 from pvbess.sim import reward as rw
 from pvbess.sim.features import Features
@@ -405,6 +405,7 @@ class SiteStep:
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
         battery_action: str = "power",
+        residual_frac: float = 0.5,
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -417,9 +418,12 @@ class SiteStep:
         self.safety_layer = safety_layer
         self.record = record
         self.action_mode = action_mode
-        if battery_action not in ("power", "grid_target"):
-            raise ValueError(f"env.battery_action={battery_action!r}: choose power or grid_target")
+        if battery_action not in BATTERY_ACTIONS:
+            raise ValueError(
+                f"env.battery_action={battery_action!r}: choose {' | '.join(BATTERY_ACTIONS)}"
+            )
         self.battery_action = battery_action
+        self.residual_frac = residual_frac
         self._load = dataset.series["load_kwh"].to_numpy()
         self._pv = dataset.series["pv_kwh"].to_numpy()
         self._bess_step_kwh = self.site.bess.power_kw * STEP_HOURS
@@ -436,7 +440,15 @@ class SiteStep:
         self.features = Features(
             observations or ObservationConfig(), dataset, sim.observation_names
         )
-        self.observation_space = observation_space(self.features.size)
+        # mpc_residual: the learner's battery action is added to the forecast MPC's, which
+        # it observes (the last feature).
+        self.mpc_base: Any = None
+        if battery_action == "mpc_residual":
+            from pvbess.control.residual import MpcBase  # the control package imports this one
+
+            self.mpc_base = MpcBase(dataset, reward.weights, self.scales)
+        self._base_battery = np.zeros(self.n_envs)
+        self.observation_space = observation_space(self.features.size + (self.mpc_base is not None))
         self._max_need_kwh = self.n_sockets * max(
             (c.battery_kwh for c in self.site.ev.classes.values()), default=0.0
         )
@@ -493,7 +505,7 @@ class SiteStep:
             fleet_features = fleet.aggregates(
                 need_kwh, laxity_h, self.n_sockets, self._max_need_kwh
             )
-        return compose_observation(
+        obs = compose_observation(
             normalize_observation(raw, self.obs_low, self.obs_span),
             f,
             f.table[min(self.t, f.table.shape[0] - 1)],
@@ -501,6 +513,26 @@ class SiteStep:
             self.scales.max_import_kwh,
             fleet_features,
         )
+        if self.mpc_base is None:
+            return obs
+        t = self.t
+        if t < self.n_steps:
+            plugged = self._plugged[t]
+            soc = cap = np.zeros((self.n_envs, 0))
+            if plugged.size:
+                soc, cap = self.plugged_soc(t)
+            self._base_battery = self.mpc_base.battery(
+                t,
+                raw[:, self._soc_obs],
+                self.prev_import_kwh,
+                plugged,
+                soc,
+                cap,
+                self.sim.required_soc[plugged, t],
+                self.sim.departure_steps[plugged, t],
+            )
+        base = (self._base_battery[:, None] + 1.0) / 2.0
+        return np.concatenate([obs, base], axis=1).astype(np.float32)
 
     def plugged_soc(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of step t and capacity [kWh] of the vehicles plugged in then,
@@ -618,8 +650,14 @@ class SiteStep:
             soc, cap = self.plugged_soc(t)
         if self.record:
             self._record_state(t, soc)
+        actions = np.asarray(actions).reshape(self.n_envs, -1)
+        if self.mpc_base is not None:
+            actions = actions.astype(np.float64)  # a copy: the caller's array stays as it was
+            actions[:, 0] = (
+                self.residual_frac * np.clip(actions[:, 0], -1.0, 1.0) + self._base_battery
+            )
         a, ev_action, forced = self.action_map.apply(
-            np.asarray(actions).reshape(self.n_envs, -1),
+            actions,
             plugged,
             soc,
             cap,

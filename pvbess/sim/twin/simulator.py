@@ -148,6 +148,7 @@ class TwinVecEnv(VecEnv):
         observations: ObservationConfig | None = None,
         action_mode: str = "per_socket",
         battery_action: str = "power",
+        residual_frac: float = 0.5,
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -165,6 +166,7 @@ class TwinVecEnv(VecEnv):
                 observations=observations,
                 action_mode=action_mode,
                 battery_action=battery_action,
+                residual_frac=residual_frac,
             )
             for ds in years
         ]

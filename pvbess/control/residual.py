@@ -1,0 +1,93 @@
+"""The base a residual learner adds to (``env.battery_action=mpc_residual``): the battery
+action of the forecast MPC's planner at each env copy's own state.
+
+Residual policy learning (Johannink et al. 2019, Silver et al. 2018): the learner's
+battery action is a correction to a controller's, so it starts where that
+controller is and learns what the controller's forecasts and model miss. The base
+is ``Planner`` (what ``agent=mpc`` serves): a 24 h rolling LP on persistence
+forecasts of PV and load (the same hour on the last observed day), no forecast of
+arrivals, replanned every step from the copy's measured state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pvbess.config import RewardWeights
+from pvbess.control import optimal
+from pvbess.control.controllers import Measured, Sockets
+from pvbess.control.mpc import LP_ONLY, Planner, planner_template
+from pvbess.sim import reward as rw
+from pvbess.sim.step import action_space, socket_step_kwh
+from pvbess.site import forecast as site_forecast
+from pvbess.site.dataset import SiteDataset
+from pvbess.units import STEP_HOURS
+
+
+class MpcBase:
+    """The planner's battery action [-1, 1] (+ charges, / rating) for n copies of a step."""
+
+    def __init__(
+        self,
+        dataset: SiteDataset,
+        weights: RewardWeights,
+        scales: rw.RewardScales,
+        horizon_h: float = 24.0,
+    ) -> None:
+        site = dataset.site
+        self.horizon = max(round(horizon_h / STEP_HOURS), 2)
+        space = action_space(dataset.n_sockets)
+        self.planner = Planner(
+            template=planner_template(optimal.Problem.from_dataset(dataset, weights, scales)),
+            sockets=Sockets(
+                n_sockets=dataset.n_sockets,
+                socket_kwh=site.ev.socket_power_kw * STEP_HOURS,
+                charger_eff=site.ev.charger_efficiency_frac,
+                step_kwh=socket_step_kwh(site),
+                low=space.low,
+                high=space.high,
+            ),
+            tariff=site.tariff,
+            grid=site.grid,
+            horizon=self.horizon,
+            terminal="start",
+            solve_options=LP_ONLY,
+            bess_power_kw=site.bess.power_kw,
+        )
+        self.index: pd.DatetimeIndex = dataset.index
+        self.pv_kwh = dataset.series["pv_kwh"].to_numpy()
+        self.load_kwh = dataset.series["load_kwh"].to_numpy()
+
+    def battery(
+        self,
+        t: int,
+        battery_soc_frac: np.ndarray,
+        prev_import_kwh: np.ndarray,
+        plugged: np.ndarray,
+        soc: np.ndarray,
+        capacity_kwh: np.ndarray,
+        required_soc: np.ndarray,
+        departure_steps: np.ndarray,
+    ) -> np.ndarray:
+        """Each copy's base battery action [n_envs] at step t: its SOC [frac] and last
+        step's import [kWh] [n_envs], the plugged vehicles' SOC and capacity [n_envs,
+        plugged], their required SOC and steps to departure [plugged]."""
+        src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
+        pv_fc, load_fc = self.pv_kwh[src], self.load_kwh[src]
+        out = np.zeros(len(battery_soc_frac))
+        for i in range(len(out)):
+            m = Measured(
+                time=self.index[t],
+                pv_kwh=float(self.pv_kwh[t]),
+                load_kwh=float(self.load_kwh[t]),
+                battery_soc_frac=float(battery_soc_frac[i]),
+                plugged=plugged,
+                soc=soc[i],
+                capacity_kwh=capacity_kwh[i],
+                required_soc=required_soc,
+                departure_steps=departure_steps,
+                prev_import_kwh=float(prev_import_kwh[i]),
+            )
+            out[i] = self.planner.act(m, pv_fc, load_fc)[0]
+        return out
