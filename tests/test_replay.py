@@ -90,3 +90,19 @@ def test_learners_and_baselines_share_one_evaluation_data_hash(store) -> None:
     assert hashes.isdisjoint(learner.data.tags["train_data_hashes"].split(","))
     t, _ = compare.table(compare.runs_frame(runs))
     assert t.site_data.nunique() == 1 and len(t) == 3
+
+
+def test_a_residual_learner_is_its_own_kind_to_replay() -> None:
+    """verify=true replays one run per kind: a learner on the MPC takes another path
+    through the step than one acting on the battery's power, so it is replayed too."""
+    from types import SimpleNamespace
+
+    def run(tags: dict[str, str]) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(tags=tags))
+
+    levers = "obs=time+tariff act=fleet base=uncontrolled norm"
+    assert replay.controller_kind(run({"agent": "ppo", "env_levers": levers})) == "ppo"
+    residual = levers.replace("act=fleet", "act=fleet bess=mpc_residual:0.5")
+    kind = replay.controller_kind(run({"agent": "ppo", "env_levers": residual}))
+    assert kind == "ppo bess=mpc_residual:0.5"
+    assert replay.controller_kind(run({"agent": "rbc"})) == "rbc"

@@ -506,8 +506,10 @@ def compare(
         runs = select_runs(client, sel)  # with the replays' tags
     frame = runs_frame(runs)
     t, notes = table(frame)
+    from pvbess.experiment.replay import controller_kind
+
     on_twin = sorted(
-        {r.data.tags.get("agent", "?") for r in runs if r.data.tags.get("eval_backend") == "twin"}
+        {controller_kind(r) for r in runs if r.data.tags.get("eval_backend") == "twin"}
     )
     if on_twin:
         proof = "; ".join(f"{a}: {replays[a]}" for a in on_twin if a in replays)

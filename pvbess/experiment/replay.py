@@ -194,14 +194,22 @@ def replay_runs(run_ids: list[str], data_dir: str, jobs: int | None = None) -> l
     return outcomes  # type: ignore[return-value]
 
 
+def controller_kind(run: mlflow.entities.Run) -> str:
+    """What one replay in CityLearn stands for: the agent, with a learner's battery action
+    when it is not a power (``ppo bess=mpc_residual:0.5``: another path through the step)."""
+    agent = run.data.tags.get("agent", "?")
+    bess = [p for p in run.data.tags.get("env_levers", "").split() if p.startswith("bess=")]
+    return f"{agent} {bess[0]}" if bess else agent
+
+
 def verify_kinds(runs: list, data_dir: str, jobs: int | None = None) -> dict[str, str]:
-    """Per controller kind (agent) evaluated on the twin: one run replayed in CityLearn
-    (reusing an earlier replay); {agent: 'identical (run <id>)' | 'differs (...)'}.
+    """Per controller kind (``controller_kind``) evaluated on the twin: one run replayed in
+    CityLearn (reusing an earlier replay); {kind: 'identical (run <id>)' | 'differs (...)'}.
     The replays run in up to ``jobs`` processes (None: min(replays, cores))."""
     out: dict[str, str] = {}
-    todo: list[tuple[str, str]] = []  # (agent, run id) to replay
+    todo: list[tuple[str, str]] = []  # (kind, run id) to replay
     for run in sorted(runs, key=lambda r: r.data.tags.get(REPLAY_TAG) is None):
-        agent = run.data.tags.get("agent", "?")
+        agent = controller_kind(run)
         if run.data.tags.get("eval_backend") != "twin" or agent in out:
             continue
         status = run.data.tags.get(REPLAY_TAG)
