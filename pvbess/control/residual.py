@@ -19,7 +19,7 @@ from pvbess.control import optimal
 from pvbess.control.controllers import Measured, Sockets
 from pvbess.control.mpc import LP_ONLY, Planner, planner_template
 from pvbess.sim import reward as rw
-from pvbess.sim.step import action_space, socket_step_kwh
+from pvbess.sim.step import action_space
 from pvbess.site import forecast as site_forecast
 from pvbess.site.dataset import SiteDataset
 from pvbess.units import STEP_HOURS
@@ -40,14 +40,7 @@ class MpcBase:
         space = action_space(dataset.n_sockets)
         self.planner = Planner(
             template=planner_template(optimal.Problem.from_dataset(dataset, weights, scales)),
-            sockets=Sockets(
-                n_sockets=dataset.n_sockets,
-                socket_kwh=site.ev.socket_power_kw * STEP_HOURS,
-                charger_eff=site.ev.charger_efficiency_frac,
-                step_kwh=socket_step_kwh(site),
-                low=space.low,
-                high=space.high,
-            ),
+            sockets=Sockets.of_site(site, dataset.n_sockets, space.low, space.high),
             tariff=site.tariff,
             grid=site.grid,
             horizon=self.horizon,
