@@ -177,6 +177,7 @@ def test_training_on_the_evaluation_year_is_refused_unless_asked(make_cfg) -> No
 
 
 def test_the_policy_best_on_the_validation_year_is_the_one_evaluated(make_cfg, tmp_path) -> None:
+    import gymnasium as gym
     import numpy as np
     from stable_baselines3 import PPO
 
@@ -214,6 +215,10 @@ def test_the_policy_best_on_the_validation_year_is_the_one_evaluated(make_cfg, t
     digest = checkpoints.policy_digest
     assert digest(PPO.load(logged)) == digest(PPO.load(best_dir / selection.MODEL_FILE))
     assert "validation/best.json" in artifact_paths(client, run.info.run_id, "validation")
+
+    # A resumed run competes with the best already saved, not from scratch.
+    resumed = selection.callback(gym.make("Pendulum-v1"), PPO.load(logged), 256, best_dir)
+    assert resumed.best_mean_reward == pytest.approx(scores["results"].max())
 
     # A score that does not belong to the saved zip (a kill between the two) is refused.
     score = json.loads((best_dir / selection.SCORE_FILE).read_text())
