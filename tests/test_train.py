@@ -204,6 +204,7 @@ def test_the_policy_best_on_the_validation_year_is_the_one_evaluated(make_cfg, t
     best_steps = int(scores["timesteps"][int(np.argmax(scores["results"][:, 0]))])
     assert run.data.tags["selected_at_steps"] == str(best_steps)
     assert run.data.tags["validation_seed"] == "4"
+    assert run.data.tags["env_levers"].endswith(" select=seed4")  # its own row in compare
     assert run.data.tags["validation_data_hash"] not in run.data.tags["train_data_hashes"]
     assert run.data.tags["validation_data_hash"] != run.data.tags["eval_data_hash"]
     assert run.data.metrics["validation/best_reward"] == pytest.approx(scores["results"].max())

@@ -141,6 +141,9 @@ def run_experiment(
         learning_curve=cfg.eval_every > 0,
         gamma=float(cfg.agent.get("gamma", 0.99)),
     )
+    if envs.validation is not None and cfg.select_every > 0:
+        # Runs whose policy was chosen on a validation year are their own row in compare.
+        envs.tags["env_levers"] += f" select=seed{cfg.env.validation_seed}"
     mlflow.set_tags(envs.tags)
     if config.is_learner(cfg.agent) and cfg.total_timesteps == 0:
         mlflow.set_tag("untrained", "true")  # allowed by allow_untrained=true
