@@ -471,6 +471,10 @@ class EnvConfig:
     train_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     # Allow site.seed among train_seeds: evaluation on a training year (tagged).
     eval_on_training_data: bool = False
+    # A site seed whose year is neither a training year nor the evaluation year: a
+    # learner's policy is scored on it every select_every steps (and at step 0) and the
+    # best one is the run's (SB3's EvalCallback); None = the last policy.
+    validation_seed: int | None = None
     # Where the evaluation year runs: citylearn (the reference, with CityLearn's own
     # KPIs and the CO2 cross-check) or twin (bit-exact, ~30x faster; a study replays
     # runs in CityLearn to prove it: python -m pvbess.compare ... verify=true).
@@ -552,6 +556,17 @@ class EnvConfig:
             "env.train_seeds",
             f"has a seed twice: {list(self.train_seeds)}",
         )
+        _require(
+            self.validation_seed is None or self.validation_seed >= 0,
+            "env.validation_seed",
+            f"must be >= 0 or null, got {self.validation_seed}",
+        )
+        _require(
+            self.validation_seed is None or self.validation_seed not in self.train_seeds,
+            "env.validation_seed",
+            f"{self.validation_seed} is a training year ({list(self.train_seeds)}): the "
+            "policy would be chosen on data it learned from",
+        )
 
 
 @dataclass
@@ -582,6 +597,9 @@ class TrainConfig:
     # Training steps between deterministic evaluations for the learning curve
     # (learning/* metrics, on the bit-exact twin); 0 = none.
     eval_every: int = 50000
+    # Training steps between scores on the validation year (env.validation_seed) that
+    # choose the policy a learner is evaluated with; 0 = none.
+    select_every: int = 25000
     # A run directory or an MLflow run id: continue that run from its last checkpoint.
     resume: str | None = None
     # A learner with total_timesteps=0 evaluates an untrained policy; refused unless this
@@ -607,6 +625,13 @@ class TrainConfig:
             self.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {self.eval_episodes}"
         )
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _require(self.select_every >= 0, "select_every", f"must be >= 0, got {self.select_every}")
+        _require(
+            self.env.validation_seed != self.site.seed,
+            "env.validation_seed",
+            f"{self.site.seed} is the evaluation year (site.seed): choosing the policy on it "
+            "would report a figure selected on its own test data; choose another seed",
+        )
         _require(
             self.checkpoint_every >= 1,
             "checkpoint_every",

@@ -72,6 +72,11 @@ def test_override_reaches_nested_site_value() -> None:
         ("site.bess.initial_soc_frac=0.1", "site.bess.initial_soc_frac"),
         ("reward.weights.co2=-1", "reward.weights.co2"),
         ("eval_episodes=0", "eval_episodes"),
+        ("select_every=-1", "select_every"),
+        # The policy is chosen on a year that is neither trained on nor reported.
+        ("env.validation_seed=1", "env.validation_seed"),
+        ("env.validation_seed=0", "env.validation_seed"),
+        ("env.validation_seed=-4", "env.validation_seed"),
     ],
 )
 def test_physically_invalid_values_name_the_key(override: str, key: str) -> None:

@@ -19,6 +19,9 @@ from .conftest import ROOT, child_env, run_module, store_client, store_runs
 TINY_FAST = ["site=tiny", "env.eval_backend=twin"]
 
 
+# Slow (16-45 s): four starts on a new store; test_sweep's four jobs on two workers
+# start together in the fast suite.
+@pytest.mark.slow
 def test_four_runs_started_together_on_a_new_store_all_finish(tmp_path: Path) -> None:
     # Without the store lock, one of these dies in MLflow's table creation
     # ('table tags already exists' / an alembic revision error) and records nothing.
@@ -60,6 +63,8 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+# Slow (18-48 s): a whole sweep killed; test_resume kills a run with kill -9 in the fast suite.
+@pytest.mark.slow
 def test_a_sweep_killed_with_kill_9_is_marked_then_resumed(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     args = [

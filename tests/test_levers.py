@@ -354,3 +354,29 @@ def test_a_residual_learner_is_not_served(tiny_dataset) -> None:
     env = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="mpc_residual")
     with pytest.raises(deploy.NotDeployable, match="residual learner"):
         deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
+
+
+def test_an_untrained_residual_policy_is_the_zero_correction_with_full_charging(
+    tiny_dataset,
+) -> None:
+    """``agent=ppo_residual``'s policy starts exactly where ``reward_baseline=mpc`` is zero
+    (the MPC's battery, full charging) in every state, and learns away from it."""
+    from stable_baselines3 import PPO
+
+    from pvbess.control.residual import ResidualPolicy
+
+    levers = {"action_mode": "fleet", "battery_action": "mpc_residual"}
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    env.core.set_reward_baseline(uncontrolled_rewards(tiny_dataset, _reward(), **levers))
+    model = PPO(ResidualPolicy, env, n_steps=32, batch_size=32, n_epochs=2, seed=0)
+    obs, _ = env.reset(seed=tiny_dataset.site.seed)
+    rewards, done = [], False
+    while not done:
+        action, _ = model.predict(obs, deterministic=True)
+        assert action.tolist() == [0.0, 1.0, 1.0]
+        obs, r, done, _, _ = env.step(action)
+        rewards.append(r)
+    assert np.abs(rewards).max() == 0.0
+    model.learn(64)
+    means = [model.predict(o, deterministic=True)[0][0] for o in np.random.rand(20, obs.size)]
+    assert np.ptp(means) > 0.0  # the last layer left zero: the battery's mean now varies

@@ -45,6 +45,8 @@ def test_server_binds_the_loopback_address_only() -> None:
     assert "--serve-artifacts" in argv and argv[argv.index("--artifacts-destination") + 1]
 
 
+# Slow (35-95 s with its server): make test-all runs it.
+@pytest.mark.slow
 def test_a_sweep_logs_over_http_only(server: str, tmp_path: Path) -> None:
     """2 jobs against the server: runs and artifacts in the server's store, readable through
     it; nothing in the client's own mlruns/; pvbess.compare works against the server."""

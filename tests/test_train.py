@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -124,6 +125,8 @@ def test_same_seed_same_results(tmp_path) -> None:
     assert runs[0]["battery_throughput_kwh"] > 0
 
 
+# Slow (15-42 s): test_sweep's multiruns check one store for every job in the fast suite.
+@pytest.mark.slow
 def test_multirun_writes_every_job_to_one_store(tmp_path) -> None:
     args = ["--multirun", "agent=ppo,a2c", "site=tiny", "total_timesteps=100", "agent.n_steps=32"]
     proc = run_module("pvbess.train", args, tmp_path)
@@ -171,3 +174,55 @@ def test_training_on_the_evaluation_year_is_refused_unless_asked(make_cfg) -> No
     run = the_run(cfg.paths.root_dir)
     assert run.data.tags["eval_on_training_data"] == "true"
     assert run.data.tags["train_data_hashes"] == run.data.tags["eval_data_hash"]
+
+
+def test_the_policy_best_on_the_validation_year_is_the_one_evaluated(make_cfg, tmp_path) -> None:
+    import gymnasium as gym
+    import numpy as np
+    from stable_baselines3 import PPO
+
+    from pvbess.experiment import checkpoints, selection
+
+    cfg = make_cfg(
+        "agent=ppo",
+        "site=tiny",
+        "env.validation_seed=4",
+        "env.eval_backend=twin",
+        "select_every=256",  # 8 copies x 32 steps: once per update, and at step 0
+        "total_timesteps=768",
+        "eval_every=0",
+        "agent.n_steps=32",
+        "agent.batch_size=32",
+        "agent.n_epochs=2",
+    )
+    train.train(cfg)
+    client = store_client(cfg.paths.root_dir)
+    run = the_run(cfg.paths.root_dir)
+    best_dir = Path(cfg.paths.output_dir) / selection.BEST_DIR
+    scores = np.load(best_dir / selection.EVALUATIONS_FILE)
+    assert list(scores["timesteps"]) == [0, 256, 512, 768]
+    best_steps = int(scores["timesteps"][int(np.argmax(scores["results"][:, 0]))])
+    assert run.data.tags["selected_at_steps"] == str(best_steps)
+    assert run.data.tags["validation_seed"] == "4"
+    assert run.data.tags["env_levers"].endswith(" select=seed4")  # its own row in compare
+    assert run.data.tags["validation_data_hash"] not in run.data.tags["train_data_hashes"]
+    assert run.data.tags["validation_data_hash"] != run.data.tags["eval_data_hash"]
+    assert run.data.metrics["validation/best_reward"] == pytest.approx(scores["results"].max())
+    # SB3's eval/mean_reward is filed as the validation year's, not as an evaluation KPI.
+    assert "eval/mean_reward" not in run.data.metrics
+    assert metric_steps(run.info.run_id, "validation/mean_reward") == [0, 256, 512, 768]
+    # The model the run logged (and evaluated) is the chosen one.
+    logged = client.download_artifacts(run.info.run_id, "model/model.zip", str(tmp_path))
+    digest = checkpoints.policy_digest
+    assert digest(PPO.load(logged)) == digest(PPO.load(best_dir / selection.MODEL_FILE))
+    assert "validation/best.json" in artifact_paths(client, run.info.run_id, "validation")
+
+    # A resumed run competes with the best already saved, not from scratch.
+    resumed = selection.callback(gym.make("Pendulum-v1"), PPO.load(logged), 256, best_dir)
+    assert resumed.best_mean_reward == pytest.approx(scores["results"].max())
+
+    # A score that does not belong to the saved zip (a kill between the two) is refused.
+    score = json.loads((best_dir / selection.SCORE_FILE).read_text())
+    (best_dir / selection.SCORE_FILE).write_text(json.dumps(score | {"steps": 7}))
+    with pytest.raises(checkpoints.CheckpointError, match="not the policy scored"):
+        selection.restore_best(PPO.load(logged), best_dir)

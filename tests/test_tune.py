@@ -238,6 +238,8 @@ def test_ctrl_c_stops_the_trials(tmp_path: Path) -> None:
     assert sorted(k.info.status for k in kids) == ["KILLED", "KILLED"]
 
 
+# Slow (34-92 s): test_a_study_continues_only_with_the_same_overrides checks resuming fast.
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
     """kill -9 of the search (and its running trial) after a trial completed; the same
     command with its study name runs only the missing trials up to tune.n_trials."""

@@ -18,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import TariffConfig
+from pvbess.config import SiteConfig, TariffConfig
 from pvbess.control import optimal
 from pvbess.sim.env import SiteEnv
 from pvbess.sim.step import BATTERY_SOC_OBS, plugged_safety, socket_step_kwh
@@ -85,6 +85,20 @@ class Sockets:
     low: np.ndarray
     high: np.ndarray
 
+    @classmethod
+    def of_site(
+        cls, site: SiteConfig, n_sockets: int, low: np.ndarray, high: np.ndarray
+    ) -> Sockets:
+        """The ``n_sockets`` sockets of ``site``, acted on within ``low``..``high``."""
+        return cls(
+            n_sockets=n_sockets,
+            socket_kwh=site.ev.socket_power_kw * STEP_HOURS,
+            charger_eff=site.ev.charger_efficiency_frac,
+            step_kwh=socket_step_kwh(site),
+            low=low,
+            high=high,
+        )
+
     def action(self, bess: float, sockets: np.ndarray) -> np.ndarray:
         """``[battery, socket_1 .. socket_n]`` as float32 inside the action space."""
         a = np.concatenate([[bess], sockets]).astype(np.float32)
@@ -134,14 +148,7 @@ class Controller:
         self.action_shape = site_env.action_space.shape
         self._low = site_env.action_space.low
         self._high = site_env.action_space.high
-        self.sockets = Sockets(
-            n_sockets=site_env.n_sockets,
-            socket_kwh=self.socket_kwh,
-            charger_eff=self.charger_eff,
-            step_kwh=socket_step_kwh(site),
-            low=self._low,
-            high=self._high,
-        )
+        self.sockets = Sockets.of_site(site, site_env.n_sockets, self._low, self._high)
         self._soc_index = site_env.backend.observation_names.index(BATTERY_SOC_OBS)
         self.policy: Any = None
 

@@ -279,28 +279,28 @@ def load(target: str, ckpt: Checkpoint, env: Any, device: str) -> Any:
                     f"({type(exc).__name__}: {exc}); delete it and {ckpt.model_path.name} "
                     "to resume from the previous checkpoint"
                 ) from exc
-    _restore_vec_normalize(model, ckpt)
+    restore_vec_normalize(model, ckpt.vecnormalize_path, ckpt.model_path)
     return model
 
 
-def _restore_vec_normalize(model: Any, ckpt: Checkpoint) -> None:
-    """The training env's VecNormalize statistics as they were at the checkpoint."""
+def restore_vec_normalize(model: Any, path: Path | None, owner: Path) -> None:
+    """The training env's VecNormalize statistics from ``path`` (saved with ``owner``, a
+    model zip), for a model whose run normalizes; nothing for one that does not."""
     from stable_baselines3.common.vec_env import VecNormalize
 
     vec_normalize = model.get_vec_normalize_env()
     if vec_normalize is None:
         return
-    if ckpt.vecnormalize_path is None:
+    if path is None:
         raise CheckpointError(
-            f"checkpoint {ckpt.model_path} has no VecNormalize statistics but the run "
-            "normalizes (env.normalize=true): resuming would start them from scratch"
+            f"{owner} has no VecNormalize statistics beside it but the run normalizes "
+            "(env.normalize=true): they would start from scratch"
         )
     try:
-        saved = VecNormalize.load(str(ckpt.vecnormalize_path), vec_normalize.venv)
+        saved = VecNormalize.load(str(path), vec_normalize.venv)
     except Exception as exc:  # truncated pickle: EOFError, UnpicklingError, ...
         raise CheckpointError(
-            f"VecNormalize statistics {ckpt.vecnormalize_path} are truncated or corrupt "
-            f"({type(exc).__name__}: {exc})"
+            f"VecNormalize statistics {path} are truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
     vec_normalize.obs_rms, vec_normalize.ret_rms = saved.obs_rms, saved.ret_rms
 

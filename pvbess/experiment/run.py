@@ -141,6 +141,9 @@ def run_experiment(
         learning_curve=cfg.eval_every > 0,
         gamma=float(cfg.agent.get("gamma", 0.99)),
     )
+    if envs.validation is not None and cfg.select_every > 0:
+        # Runs whose policy was chosen on a validation year are their own row in compare.
+        envs.tags["env_levers"] += f" select=seed{cfg.env.validation_seed}"
     mlflow.set_tags(envs.tags)
     if config.is_learner(cfg.agent) and cfg.total_timesteps == 0:
         mlflow.set_tag("untrained", "true")  # allowed by allow_untrained=true
@@ -168,7 +171,9 @@ def run_experiment(
             resuming=resuming,
             curve_env=envs.curve,
             progress=progress,
+            validation_env=envs.validation,
         )
+        choose_policy(cfg, model, out_dir)
         tracking.log_model(model)
     # Setup and training (for a controller: its planning, e.g. the LP solve).
     done = progress()
@@ -261,9 +266,11 @@ def learn(
     resuming: bool,
     curve_env: Any = None,
     progress: Callable[[], dict[str, float]] | None = None,
+    validation_env: Any = None,
 ) -> None:
-    """SB3's learn with MLflow logging, checkpoints and a learning curve (``eval_every``);
-    a signal saves a checkpoint and stops."""
+    """SB3's learn with MLflow logging, checkpoints, a learning curve (``eval_every``) and
+    the policy's scores on the validation year (``select_every``); a signal saves a
+    checkpoint and stops."""
     from stable_baselines3.common.callbacks import CallbackList
 
     from pvbess.experiment import checkpoints, evaluation, signals, tracking
@@ -280,6 +287,11 @@ def learn(
     extra = []
     if cfg.eval_every > 0 and curve_env is not None:
         extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
+    if cfg.select_every > 0 and validation_env is not None:
+        from pvbess.experiment import selection
+
+        save_dir = out_dir / selection.BEST_DIR
+        extra.append(selection.callback(validation_env, model, cfg.select_every, save_dir))
     with signals.graceful_stop() as stop:
         saver = checkpoints.AtomicCheckpointCallback(
             buffer=buffer,
@@ -306,6 +318,32 @@ def learn(
         )
         raise signals.Interrupted(stop.signum)
     buffer.flush()
+
+
+def choose_policy(cfg: DictConfig, model: Any, out_dir: Path) -> None:
+    """With a validation year: the policy that scored best on it replaces the last one
+    (``pvbess.experiment.selection``), tagged ``selected_at_steps``."""
+    import mlflow
+
+    from pvbess.experiment import selection
+
+    save_dir = out_dir / selection.BEST_DIR
+    if cfg.select_every <= 0 or cfg.env.get("validation_seed") is None:
+        return
+    score = selection.restore_best(model, save_dir)
+    if score is None:
+        log.warning("no policy was scored on the validation year: evaluating the last one")
+        return
+    log.info(
+        "evaluating the policy of step %d, the best on the validation year (site seed %s)",
+        score["steps"],
+        cfg.env.validation_seed,
+    )
+    mlflow.set_tag("selected_at_steps", str(int(score["steps"])))
+    mlflow.log_metric("validation/best_reward", float(score["reward"]))
+    for name in (selection.SCORE_FILE, selection.EVALUATIONS_FILE):
+        if (save_dir / name).is_file():
+            mlflow.log_artifact(str(save_dir / name), artifact_path="validation")
 
 
 def log_evaluation(result: EvalResult, out_dir: Path, title: str) -> None:

@@ -501,6 +501,11 @@ class MLflowOutputFormat(KVWriter):
             if isinstance(value, int | float | np.floating | np.integer) and not isinstance(
                 value, bool
             ):
+                # SB3's EvalCallback records its scores as eval/*; here they are the
+                # validation year's (pvbess.experiment.selection), and a run's eval/*
+                # are its KPIs on the evaluation year.
+                if key.startswith("eval/"):
+                    key = "validation/" + key.removeprefix("eval/")
                 metrics[key] = float(value)
         self.buffer.add(metrics, step)
 

@@ -172,13 +172,15 @@ class YearCycle(gym.Env):
 @dataclass
 class Envs:
     """The envs of one run: where the agent trains, where it is evaluated (CityLearn, the
-    evaluation year), where its learning curve is measured, and what they hold."""
+    evaluation year), where its learning curve is measured, where its policy is chosen
+    (the validation year), and what they hold."""
 
     train: Any
     evaluate: SiteEnv
     curve: SiteEnv | None
     train_datasets: list[SiteDataset]
     tags: dict[str, str]
+    validation: SiteEnv | None = None
 
 
 def build_envs(
@@ -193,6 +195,7 @@ def build_envs(
     safety_layer: bool = True,
     train_seeds: Sequence[int] = (1, 2, 3),
     eval_on_training_data: bool = False,
+    validation_seed: int | None = None,
     eval_backend: str = "citylearn",
     learning_curve: bool = True,
     observations: ObservationConfig | Mapping[str, Any] | None = None,
@@ -214,7 +217,8 @@ def build_envs(
     the same scaling. A controller (``learns`` false) reads the env it acts in at
     every step, so it is built on the evaluation env. ``eval_on_training_data`` is
     the config's consent to ``site.seed`` among ``train_seeds`` (``TrainConfig.check``
-    refuses it otherwise); the tag says whether it happened.
+    refuses it otherwise); the tag says whether it happened. ``validation_seed``: the
+    year (twin, same levers and scaling) on which the run chooses its policy.
 
     A learner's levers (issue 15; tag ``env_levers``): ``observations`` (extra
     features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
@@ -292,7 +296,13 @@ def build_envs(
     if learning_curve:
         curve = _curve_env(dataset, reward, safety_layer, **levers)
         curve.core.set_obs_bounds(low, span)
-    return Envs(train, evaluate, curve, years, tags)
+    validation = None
+    if validation_seed is not None:
+        year = ds_module.build(replace(dataset.site, seed=int(validation_seed)), data_dir)
+        validation = _curve_env(year, reward, safety_layer, **levers)
+        validation.core.set_obs_bounds(low, span)
+        tags |= {"validation_seed": str(validation_seed), "validation_data_hash": year.data_hash}
+    return Envs(train, evaluate, curve, years, tags, validation)
 
 
 def levers_label(
