@@ -141,7 +141,7 @@ def run_experiment(
         learning_curve=cfg.eval_every > 0,
         gamma=float(cfg.agent.get("gamma", 0.99)),
     )
-    if envs.validation is not None and cfg.select_every > 0:
+    if selects(cfg) and envs.validation is not None:
         # Runs whose policy was chosen on a validation year are their own row in compare.
         envs.tags["env_levers"] += f" select=seed{cfg.env.validation_seed}"
     mlflow.set_tags(envs.tags)
@@ -287,7 +287,7 @@ def learn(
     extra = []
     if cfg.eval_every > 0 and curve_env is not None:
         extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
-    if cfg.select_every > 0 and validation_env is not None:
+    if selects(cfg) and validation_env is not None:
         from pvbess.experiment import selection
 
         save_dir = out_dir / selection.BEST_DIR
@@ -320,6 +320,11 @@ def learn(
     buffer.flush()
 
 
+def selects(cfg: DictConfig) -> bool:
+    """Whether the run chooses its policy on a validation year."""
+    return cfg.select_every > 0 and cfg.env.get("validation_seed") is not None
+
+
 def choose_policy(cfg: DictConfig, model: Any, out_dir: Path) -> None:
     """With a validation year: the policy that scored best on it replaces the last one
     (``pvbess.experiment.selection``), tagged ``selected_at_steps``."""
@@ -327,9 +332,9 @@ def choose_policy(cfg: DictConfig, model: Any, out_dir: Path) -> None:
 
     from pvbess.experiment import selection
 
-    save_dir = out_dir / selection.BEST_DIR
-    if cfg.select_every <= 0 or cfg.env.get("validation_seed") is None:
+    if not selects(cfg):
         return
+    save_dir = out_dir / selection.BEST_DIR
     score = selection.restore_best(model, save_dir)
     if score is None:
         log.warning("no policy was scored on the validation year: evaluating the last one")
