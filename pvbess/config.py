@@ -409,6 +409,7 @@ BACKENDS = ("citylearn", "twin")
 FORECASTS = ("none", "perfect", "persistence", "noisy")
 ACTION_MODES = ("per_socket", "fleet")
 BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
+EV_ACTIONS = ("intensity", "mpc_residual")
 REWARD_BASELINES = ("none", "uncontrolled", "mpc")
 
 
@@ -493,10 +494,16 @@ class EnvConfig:
     # The largest correction [/ rating] a residual learner (battery_action=mpc_residual)
     # makes to the MPC's battery action.
     residual_frac: float = 0.5
+    # intensity: each EV action is a charging intensity [0, 1]; mpc_residual (with
+    # battery_action=mpc_residual): a correction [-1, 1] added to the MPC planner's socket
+    # actions (per socket, or per vehicle class to each of its sockets), so that the
+    # learner's zero action is the MPC's whole decision, charging included.
+    ev_action: str = "intensity"
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
-    # mpc (with battery_action=mpc_residual): the reward of the MPC's battery with the
-    # site's own charging, i.e. of the learner's zero correction, at the same step.
+    # mpc (with battery_action=mpc_residual): the reward of the learner's neutral action
+    # at the same step: the MPC's battery with the site's own charging, or with the MPC's
+    # charging plan (ev_action=mpc_residual).
     reward_baseline: str = "none"
     # SB3's VecNormalize on the training env (observations and reward), saved with every
     # checkpoint, frozen at evaluation.
@@ -518,6 +525,17 @@ class EnvConfig:
             0.0 < self.residual_frac <= 2.0,
             "env.residual_frac",
             f"must be in (0, 2] (a share of the battery's rating), got {self.residual_frac}",
+        )
+        _require(
+            self.ev_action in EV_ACTIONS,
+            "env.ev_action",
+            f"unknown EV action {self.ev_action!r} (choose {' | '.join(EV_ACTIONS)})",
+        )
+        _require(
+            self.ev_action != "mpc_residual" or self.battery_action == "mpc_residual",
+            "env.ev_action",
+            "mpc_residual corrects the MPC's charging plan: it needs "
+            "env.battery_action=mpc_residual",
         )
         _require(
             self.reward_baseline in REWARD_BASELINES,

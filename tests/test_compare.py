@@ -173,6 +173,17 @@ def test_a_failed_check_marks_the_row(store) -> None:
     assert (shown.agent == "ppo!").sum() == 1
 
 
+def test_the_steps_each_seeds_policy_was_chosen_at_are_shown(store) -> None:
+    runs = list(_runs(store).values())
+    for name, steps in (("ppo_s0", "25000"), ("ppo_s1", "0")):
+        next(r for r in runs if r.info.run_name == name).data.tags["selected_at_steps"] = steps
+    t, _ = compare.table(compare.runs_frame(runs))
+    shown = compare.display_frame(t)
+    pooled = t.index[(t.agent == "ppo") & (t.seeds == 2)][0]
+    assert shown["chosen at [steps]"][pooled] == "25000,0"  # seed 0, then seed 1
+    assert (shown["chosen at [steps]"].drop(pooled) == "").all()  # the last policy
+
+
 def test_missing_baselines_are_named_and_columns_left_empty(store) -> None:
     sel = compare.Selection(site="tiny", tags={"agent": "ppo"})
     frame = compare.runs_frame(compare.select_runs(store_client(store), sel))

@@ -105,10 +105,21 @@ def test_features_by_hand(tiny_dataset) -> None:
     assert f.table.shape == (len(tiny_dataset.index) + 1, 6 + 2 + 2)
 
 
-@pytest.mark.parametrize("battery_action", ["power", "grid_target", "mpc_residual"])
-def test_all_levers_identical_on_both_simulators(tiny_dataset, battery_action: str) -> None:
-    """Every feature, the fleet allocation and the battery's grid target run in the one
-    step: CityLearn and the twin give the same observations, rewards and history."""
+@pytest.mark.parametrize(
+    ("battery_action", "ev_action"),
+    [
+        ("power", "intensity"),
+        ("grid_target", "intensity"),
+        ("mpc_residual", "intensity"),
+        ("mpc_residual", "mpc_residual"),
+    ],
+)
+def test_all_levers_identical_on_both_simulators(
+    tiny_dataset, battery_action: str, ev_action: str
+) -> None:
+    """Every feature, the fleet allocation, the battery's grid target and the corrections
+    to the MPC run in the one step: CityLearn and the twin give the same observations,
+    rewards and history."""
     runs = {}
     for backend in ("twin", "citylearn"):
         env = SiteEnv(
@@ -118,10 +129,13 @@ def test_all_levers_identical_on_both_simulators(tiny_dataset, battery_action: s
             observations=ALL_ON,
             action_mode="fleet",
             battery_action=battery_action,
+            ev_action=ev_action,
         )
         assert env.action_space.shape == (3,)  # battery + 2 vehicle classes
-        # No sockets, 22 features (+ the MPC's battery action a residual learner adds to).
-        assert env.observation_space.shape == (9 + 22 + (battery_action == "mpc_residual"),)
+        # No sockets, 22 features (+ the MPC's battery action a residual learner adds to,
+        # + the mean of its charging plan when the learner corrects that too).
+        n_base = (battery_action == "mpc_residual") + (ev_action == "mpc_residual")
+        assert env.observation_space.shape == (9 + 22 + n_base,)
         rng = np.random.default_rng(0)
         obs, _ = env.reset(seed=3)
         seen, rewards, done = [obs], [], False
@@ -179,9 +193,62 @@ def test_zero_residual_is_the_served_mpc(tiny_dataset) -> None:
     )
     # The correction: a full +1 adds residual_frac of the rating to the planner's action.
     t = resid._t
-    base = resid.core._base_battery[0]
+    base = resid.core._base[0, 0]
     resid.step(np.concatenate([[1.0], ev]))
     assert resid.history()["action_bess"].iloc[t] == pytest.approx(min(base + 0.5, 1.0))
+
+
+@pytest.mark.parametrize("action_mode", ["per_socket", "fleet"])
+def test_zero_residual_on_the_plan_is_the_served_mpcs_whole_decision(
+    tiny_dataset, action_mode
+) -> None:
+    """With ``ev_action=mpc_residual`` the zero action is the planner's battery and its
+    charging plan, step after step (the planner asked on a plain env's measured state);
+    an EV correction of +1 / -1 (per socket, or per class to each of its sockets) asks
+    for full power / none whatever the plan."""
+    from pvbess.control.mpc import Mpc
+
+    plain = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    mpc = Mpc(plain, forecast="persistence", full_period_bound=False)
+    levers = {"action_mode": action_mode, "battery_action": "mpc_residual"}
+    resid = SiteEnv(tiny_dataset, _reward(), backend="twin", ev_action="mpc_residual", **levers)
+    n_ev = resid.action_space.shape[0] - 1
+    assert resid.action_space.low.tolist() == [-1.0] * (1 + n_ev)
+    assert resid.observation_space.shape[0] == (
+        SiteEnv(tiny_dataset, _reward(), backend="twin", **levers).observation_space.shape[0] + 1
+    )
+    pv = tiny_dataset.series["pv_kwh"].to_numpy()
+    load = tiny_dataset.series["load_kwh"].to_numpy()
+    obs, _ = plain.reset(seed=0)
+    robs, _ = resid.reset(seed=0)
+    charged = []
+    for _ in range(72):
+        t = plain._t
+        src = forecast.persistence_source(t, np.arange(1, mpc.horizon), len(pv))
+        planned = mpc.policy.act(mpc.measure(obs), pv[src], load[src])
+        assert robs[-2] == pytest.approx((planned[0] + 1) / 2, abs=1e-6)
+        assert robs[-1] == pytest.approx(planned[1:].mean(), abs=1e-6)
+        charged.append(planned[1:].sum())
+        obs, r, *_ = plain.step(planned)
+        robs, rr, *_ = resid.step(np.zeros(1 + n_ev))
+        assert rr == pytest.approx(r, abs=1e-6)
+    assert np.ptp(charged) > 0.1  # the plan charged at some steps and not at others
+    for col in ("battery_soc_frac", "ev_charging_kwh", "grid_import_kwh"):
+        np.testing.assert_allclose(resid.history()[col], plain.history()[col], atol=1e-6)
+    # Corrections, before the safety layer: +1 asks every socket for full power, -1 for none.
+    core = resid.core
+    up = core.on_base(np.concatenate([[0.0], np.ones(n_ev)])[None, :])
+    down = core.on_base(np.concatenate([[0.0], -np.ones(n_ev)])[None, :])
+    assert up[0, 1:].tolist() == [1.0] * core.n_sockets
+    assert down[0, 1:].tolist() == [0.0] * core.n_sockets
+    np.testing.assert_array_equal(up[:, 0], core._base[:, 0])
+
+
+def test_ev_corrections_need_the_mpc_battery(tiny_dataset) -> None:
+    with pytest.raises(ValueError, match="battery_action=mpc_residual"):
+        SiteEnv(tiny_dataset, _reward(), backend="twin", ev_action="mpc_residual")
+    with pytest.raises(ValueError, match=r"env\.ev_action"):
+        SiteEnv(tiny_dataset, _reward(), backend="twin", ev_action="plan")
 
 
 def test_grid_target_by_hand(tiny_dataset) -> None:
@@ -356,16 +423,20 @@ def test_a_residual_learner_is_not_served(tiny_dataset) -> None:
         deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
 
 
-def test_an_untrained_residual_policy_is_the_zero_correction_with_full_charging(
-    tiny_dataset,
+@pytest.mark.parametrize(
+    ("ev_action", "neutral"), [("intensity", [0.0, 1.0, 1.0]), ("mpc_residual", [0.0, 0.0, 0.0])]
+)
+def test_an_untrained_residual_policy_is_the_neutral_action(
+    tiny_dataset, ev_action, neutral
 ) -> None:
     """``agent=ppo_residual``'s policy starts exactly where ``reward_baseline=mpc`` is zero
-    (the MPC's battery, full charging) in every state, and learns away from it."""
+    in every state (the MPC's battery with full charging, or with the MPC's charging
+    plan), and learns away from it."""
     from stable_baselines3 import PPO
 
     from pvbess.control.residual import ResidualPolicy
 
-    levers = {"action_mode": "fleet", "battery_action": "mpc_residual"}
+    levers = {"action_mode": "fleet", "battery_action": "mpc_residual", "ev_action": ev_action}
     env = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
     env.core.set_reward_baseline(uncontrolled_rewards(tiny_dataset, _reward(), **levers))
     model = PPO(ResidualPolicy, env, n_steps=32, batch_size=32, n_epochs=2, seed=0)
@@ -373,7 +444,7 @@ def test_an_untrained_residual_policy_is_the_zero_correction_with_full_charging(
     rewards, done = [], False
     while not done:
         action, _ = model.predict(obs, deterministic=True)
-        assert action.tolist() == [0.0, 1.0, 1.0]
+        assert action.tolist() == neutral
         obs, r, done, _, _ = env.step(action)
         rewards.append(r)
     assert np.abs(rewards).max() == 0.0

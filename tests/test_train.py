@@ -176,6 +176,24 @@ def test_training_on_the_evaluation_year_is_refused_unless_asked(make_cfg) -> No
     assert run.data.tags["train_data_hashes"] == run.data.tags["eval_data_hash"]
 
 
+def test_no_validation_year_is_built_when_nothing_is_chosen_on_it(make_cfg) -> None:
+    cfg = make_cfg(
+        "agent=ppo",
+        "site=tiny",
+        "env.validation_seed=4",
+        "select_every=0",
+        "env.eval_backend=twin",
+        "total_timesteps=64",
+        "eval_every=0",
+        "agent.n_steps=8",
+        "agent.batch_size=8",
+    )
+    train.train(cfg)
+    tags = the_run(cfg.paths.root_dir).data.tags
+    assert "validation_seed" not in tags and "selected_at_steps" not in tags
+    assert "select=" not in tags["env_levers"]
+
+
 def test_the_policy_best_on_the_validation_year_is_the_one_evaluated(make_cfg, tmp_path) -> None:
     import gymnasium as gym
     import numpy as np

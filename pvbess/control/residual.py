@@ -1,5 +1,6 @@
 """The base a residual learner adds to (``env.battery_action=mpc_residual``): the battery
-action of the forecast MPC's planner at each env copy's own state.
+action of the forecast MPC's planner at each env copy's own state, and with
+``env.ev_action=mpc_residual`` its charging plan too.
 
 Residual policy learning (Johannink et al. 2019, Silver et al. 2018): the learner's
 battery action is a correction to a controller's, so it starts where that
@@ -22,14 +23,15 @@ from pvbess.control import optimal
 from pvbess.control.controllers import Measured, Sockets
 from pvbess.control.mpc import LP_ONLY, Planner, planner_template
 from pvbess.sim import reward as rw
-from pvbess.sim.step import action_space
+from pvbess.sim.step import action_space, neutral_action
 from pvbess.site import forecast as site_forecast
 from pvbess.site.dataset import SiteDataset
 from pvbess.units import STEP_HOURS
 
 
 class MpcBase:
-    """The planner's battery action [-1, 1] (+ charges, / rating) for n copies of a step."""
+    """The planner's action for n copies of a step: battery [-1, 1] (+ charges, / rating),
+    then each socket's [0, 1]."""
 
     def __init__(
         self,
@@ -55,7 +57,7 @@ class MpcBase:
         self.pv_kwh = dataset.series["pv_kwh"].to_numpy()
         self.load_kwh = dataset.series["load_kwh"].to_numpy()
 
-    def battery(
+    def plan(
         self,
         t: int,
         battery_soc_frac: np.ndarray,
@@ -66,12 +68,12 @@ class MpcBase:
         required_soc: np.ndarray,
         departure_steps: np.ndarray,
     ) -> np.ndarray:
-        """Each copy's base battery action [n_envs] at step t: its SOC [frac] and last
+        """Each copy's planned action [n_envs, 1 + socket] at step t: its SOC [frac] and last
         step's import [kWh] [n_envs], the plugged vehicles' SOC and capacity [n_envs,
         plugged], their required SOC and steps to departure [plugged]."""
         src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
         pv_fc, load_fc = self.pv_kwh[src], self.load_kwh[src]
-        out = np.zeros(len(battery_soc_frac))
+        out = np.zeros((len(battery_soc_frac), 1 + self.planner.sockets.n_sockets))
         for i in range(len(out)):
             m = Measured(
                 time=self.index[t],
@@ -85,14 +87,15 @@ class MpcBase:
                 departure_steps=departure_steps,
                 prev_import_kwh=float(prev_import_kwh[i]),
             )
-            out[i] = self.planner.act(m, pv_fc, load_fc)[0]
+            out[i] = self.planner.act(m, pv_fc, load_fc)
         return out
 
 
 class ResidualPolicy(ActorCriticPolicy):
-    """SB3's MlpPolicy whose untrained mean action is exactly the residual env's zero
-    correction with the site's own charging: battery 0 (the MPC's battery), every EV
-    action 1 (full charging; the policy of ``env.reward_baseline=mpc``).
+    """SB3's MlpPolicy whose untrained mean action is exactly the residual env's neutral
+    action (``pvbess.sim.step.neutral_action``, the policy of ``env.reward_baseline=mpc``):
+    battery 0 (the MPC's battery) and each EV action 1 (the site's own full charging) or,
+    with ``env.ev_action=mpc_residual``, 0 (the MPC's charging plan).
 
     SB3 initialises the mean's last layer small, not zero (orthogonal, gain 0.01): at
     Iquitos that state-dependent correction of a few kW, with charging intensities near
@@ -108,5 +111,4 @@ class ResidualPolicy(ActorCriticPolicy):
             raise TypeError(f"ResidualPolicy needs a Gaussian (Box) action, got {net}")
         with torch.no_grad():
             net.weight.zero_()
-            net.bias.fill_(1.0)
-            net.bias[0] = 0.0
+            net.bias.copy_(torch.as_tensor(neutral_action(self.action_space)))

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 e.normalize,
                 e.battery_action,
                 e.residual_frac,
+                e.ev_action,
             )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "

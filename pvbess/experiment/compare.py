@@ -163,6 +163,9 @@ def runs_frame(runs: list[Run]) -> pd.DataFrame:
             "peak_threshold_frac": params.get("reward.peak_threshold_frac", "?"),
             "weights": weights,
             "checks_failed": tags.get(CHECK_TAG, ""),
+            # The training step of the policy evaluated, when it was chosen on a
+            # validation year ("" for the last policy).
+            "selected_at_steps": tags.get("selected_at_steps", ""),
             "co2_t_per_yr": m["eval/co2_kg"] / 1e3 / years,
             "objective": objective(m, weights),
             "components": {c: m.get(f"eval/reward_{c}_mean", math.nan) for c in COMPONENTS},
@@ -225,6 +228,18 @@ def table(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     out["seeds"] = g.size()
     out["checks_failed"] = g["checks_failed"].agg(
         lambda v: ",".join(sorted({c for x in v for c in x.split(",") if c}))
+    )
+    # Per seed, in seed order: "0,25000,0" says which policies the row pools.
+    out["selected_at_steps"] = g[["seed", "selected_at_steps"]].apply(
+        lambda v: (
+            ",".join(
+                v.sort_values(
+                    "seed", key=lambda s: pd.to_numeric(s, errors="coerce")
+                ).selected_at_steps
+            )
+            if (v.selected_at_steps != "").any()
+            else ""
+        )
     )
     out = out.reset_index()
     first = frame.groupby(GROUP_KEYS, sort=True).first().reset_index()
@@ -322,6 +337,7 @@ def display_frame(t: pd.DataFrame) -> pd.DataFrame:
             "seeds": t.seeds,
             "of optimum's gain [%]": t.share_of_optimum_pct.round(1),
             "± over seeds [%]": t.share_of_optimum_std_pct.round(1),
+            "chosen at [steps]": t.selected_at_steps,
             "CO2 [t/yr]": [
                 f"{m:,.1f} ± {s:,.1f}" for m, s in zip(t.co2_mean, t.co2_std, strict=True)
             ],

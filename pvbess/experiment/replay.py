@@ -196,10 +196,12 @@ def replay_runs(run_ids: list[str], data_dir: str, jobs: int | None = None) -> l
 
 def controller_kind(run: mlflow.entities.Run) -> str:
     """What one replay in CityLearn stands for: the agent, with a learner's battery action
-    when it is not a power (``ppo bess=mpc_residual:0.5``: another path through the step)."""
+    when it is not a power and its EV action when it is not an intensity (``ppo
+    bess=mpc_residual:0.5 ev=mpc_residual``: other paths through the step)."""
     agent = run.data.tags.get("agent", "?")
-    bess = [p for p in run.data.tags.get("env_levers", "").split() if p.startswith("bess=")]
-    return f"{agent} {bess[0]}" if bess else agent
+    levers = run.data.tags.get("env_levers", "").split()
+    paths = [p for p in levers if p.startswith(("bess=", "ev="))]
+    return " ".join([agent, *paths])
 
 
 def verify_kinds(runs: list, data_dir: str, jobs: int | None = None) -> dict[str, str]:

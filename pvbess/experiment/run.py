@@ -140,6 +140,8 @@ def run_experiment(
         data_dir=cfg.paths.data_dir,
         learning_curve=cfg.eval_every > 0,
         gamma=float(cfg.agent.get("gamma", 0.99)),
+        # No validation year to build (a year and its env) when nothing is chosen on it.
+        validation_seed=cfg.env.get("validation_seed") if selects(cfg) else None,
     )
     if selects(cfg) and envs.validation is not None:
         # Runs whose policy was chosen on a validation year are their own row in compare.

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pvbess.config import BACKENDS, ObservationConfig, RewardConfig
 from pvbess.sim.citylearn import CityLearnBackend
-from pvbess.sim.step import Simulator, SiteStep
+from pvbess.sim.step import Simulator, SiteStep, neutral_action
 from pvbess.sim.twin import TwinSimulator, TwinVecEnv
 from pvbess.site.dataset import SiteDataset
 
@@ -52,6 +52,7 @@ class SiteEnv(gym.Env):
         action_mode: str = "per_socket",
         battery_action: str = "power",
         residual_frac: float = 0.5,
+        ev_action: str = "intensity",
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -77,6 +78,7 @@ class SiteEnv(gym.Env):
             action_mode=action_mode,
             battery_action=battery_action,
             residual_frac=residual_frac,
+            ev_action=ev_action,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -202,6 +204,7 @@ def build_envs(
     action_mode: str = "per_socket",
     battery_action: str = "power",
     residual_frac: float = 0.5,
+    ev_action: str = "intensity",
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -224,7 +227,8 @@ def build_envs(
     features, ``pvbess.sim.features``), ``action_mode`` (``fleet``: one intensity per
     vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
     import; ``mpc_residual``: a correction of up to ``residual_frac`` of the rating to
-    the forecast MPC's battery action), ``reward_baseline`` (``uncontrolled``: each
+    the forecast MPC's battery action), ``ev_action`` (``mpc_residual``: the EV actions
+    are corrections to the MPC's charging plan), ``reward_baseline`` (``uncontrolled``: each
     training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
     the reward of the residual learner's zero correction) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
@@ -249,6 +253,7 @@ def build_envs(
         "action_mode": action_mode,
         "battery_action": battery_action,
         "residual_frac": residual_frac,
+        "ev_action": ev_action,
     }
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
@@ -259,7 +264,7 @@ def build_envs(
         "train_data_hashes": ",".join(y.data_hash for y in years),
         "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
         "env_levers": levers_label(
-            obs, action_mode, reward_baseline, normalize, battery_action, residual_frac
+            obs, action_mode, reward_baseline, normalize, battery_action, residual_frac, ev_action
         ),
     }
     if n_envs > 1:
@@ -312,6 +317,7 @@ def levers_label(
     normalize: bool,
     battery_action: str = "power",
     residual_frac: float = 0.5,
+    ev_action: str = "intensity",
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -329,6 +335,8 @@ def levers_label(
         parts.append(f"bess={battery_action}:{residual_frac:g}")
     elif battery_action != "power":
         parts.append(f"bess={battery_action}")
+    if ev_action != "intensity":
+        parts.append(f"ev={ev_action}")
     if reward_baseline != "none":
         parts.append(f"base={reward_baseline}")
     if normalize:
@@ -342,15 +350,17 @@ def uncontrolled_rewards(
     """The uncontrolled site's reward at every step of ``dataset``'s year [n_steps] (the
     twin when it models the schema, else CityLearn): the reward baseline.
 
-    With a learner's ``levers``: the reward of battery action 0 and full charging in that
-    env (fleet: intensity 1 per class, the uncontrolled charging; ``mpc_residual``:
-    battery 0 is the MPC's battery). Any fixed series leaves the optimal policy unchanged.
+    With a learner's ``levers``: the reward of the env's neutral action
+    (``pvbess.sim.step.neutral_action``): battery 0 and full charging (fleet: intensity 1
+    per class, the uncontrolled charging; ``mpc_residual``: battery 0 is the MPC's
+    battery; ``ev_action=mpc_residual``: EV 0 is the MPC's charging plan). Any fixed
+    series leaves the optimal policy unchanged.
     """
     from pvbess.control.controllers import Uncontrolled
 
     env = _curve_env(dataset, reward, safety_layer, **levers)
     controller = Uncontrolled(env) if not levers else None
-    full = np.concatenate([[0.0], np.ones(env.action_space.shape[0] - 1)])
+    full = neutral_action(env.action_space)
     obs, _ = env.reset(seed=dataset.site.seed)
     done = False
     while not done:

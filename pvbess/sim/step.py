@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 
-from pvbess.config import BATTERY_ACTIONS, ObservationConfig, RewardConfig, SiteConfig
+from pvbess.config import BATTERY_ACTIONS, EV_ACTIONS, ObservationConfig, RewardConfig, SiteConfig
 from pvbess.sim import features, fleet
 from pvbess.sim import reward as rw
 from pvbess.sim.features import Features
@@ -119,6 +119,20 @@ def action_space(n_ev_actions: int) -> gym.spaces.Box:
     or vehicle classes in fleet mode) in [0, 1]."""
     low = np.concatenate([[-1.0], np.zeros(n_ev_actions)]).astype(np.float32)
     return gym.spaces.Box(low=low, high=np.ones(n_ev_actions + 1, dtype=np.float32))
+
+
+def correction_space(n_ev_actions: int) -> gym.spaces.Box:
+    """A residual learner's ``[battery, ev_1 .. ev_n]`` when it corrects the MPC's charging
+    too (``ev_action=mpc_residual``): every action in [-1, 1], 0 the MPC's own."""
+    return gym.spaces.Box(-1.0, 1.0, shape=(n_ev_actions + 1,), dtype=np.float32)
+
+
+def neutral_action(space: gym.spaces.Box) -> np.ndarray:
+    """The action that leaves the site as its base has it: 0 where an action is a
+    correction or the battery's power (low < 0), full charging (high) where it is a
+    charging intensity. A residual learner's untrained mean, the ``mpc`` baseline's action."""
+    low = np.asarray(space.low, dtype=np.float64)
+    return np.where(low < 0, 0.0, np.asarray(space.high, dtype=np.float64))
 
 
 def observation_space(n_obs: int) -> gym.spaces.Box:
@@ -406,6 +420,7 @@ class SiteStep:
         action_mode: str = "per_socket",
         battery_action: str = "power",
         residual_frac: float = 0.5,
+        ev_action: str = "intensity",
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -424,6 +439,14 @@ class SiteStep:
             )
         self.battery_action = battery_action
         self.residual_frac = residual_frac
+        if ev_action not in EV_ACTIONS:
+            raise ValueError(f"env.ev_action={ev_action!r}: choose {' | '.join(EV_ACTIONS)}")
+        if ev_action == "mpc_residual" and battery_action != "mpc_residual":
+            raise ValueError(
+                "env.ev_action=mpc_residual corrects the MPC's charging plan: it needs "
+                "env.battery_action=mpc_residual"
+            )
+        self.ev_action = ev_action
         self._load = dataset.series["load_kwh"].to_numpy()
         self._pv = dataset.series["pv_kwh"].to_numpy()
         self._bess_step_kwh = self.site.bess.power_kw * STEP_HOURS
@@ -431,24 +454,26 @@ class SiteStep:
         # Fleet mode: one action per vehicle class that has sockets, in the site's order.
         self.classes = list(dict.fromkeys(c for _, c in dataset.sockets))
         self._socket_class = np.asarray([self.classes.index(c) for _, c in dataset.sockets])
-        if action_mode == "per_socket":
-            self.action_space = action_space(self.n_sockets)
-        elif action_mode == "fleet":
-            self.action_space = action_space(len(self.classes))
-        else:
+        if action_mode not in ("per_socket", "fleet"):
             raise ValueError(f"env.action_mode={action_mode!r}: choose per_socket or fleet")
+        n_ev = self.n_sockets if action_mode == "per_socket" else len(self.classes)
+        self.action_space = (
+            correction_space(n_ev) if ev_action == "mpc_residual" else action_space(n_ev)
+        )
         self.features = Features(
             observations or ObservationConfig(), dataset, sim.observation_names
         )
         # mpc_residual: the learner's battery action is added to the forecast MPC's, which
-        # it observes (the last feature).
+        # it observes (the last feature); ev_action=mpc_residual: its EV actions are added
+        # to the MPC's charging plan too, whose mean over the sockets it also observes.
         self.mpc_base: Any = None
         if battery_action == "mpc_residual":
             from pvbess.control.residual import MpcBase  # the control package imports this one
 
             self.mpc_base = MpcBase(dataset, reward.weights, self.scales)
-        self._base_battery = np.zeros(self.n_envs)
-        self.observation_space = observation_space(self.features.size + (self.mpc_base is not None))
+        self._base = np.zeros((self.n_envs, 1 + self.n_sockets))
+        n_base_obs = 0 if self.mpc_base is None else 1 + (ev_action == "mpc_residual")
+        self.observation_space = observation_space(self.features.size + n_base_obs)
         self._max_need_kwh = self.n_sockets * max(
             (c.battery_kwh for c in self.site.ev.classes.values()), default=0.0
         )
@@ -459,14 +484,17 @@ class SiteStep:
         # one observation whichever year it comes from.
         self.obs_low, self.obs_span = sim.obs_low, sim.obs_span
         self._step_kwh = socket_step_kwh(self.site)
+        # A correction of the MPC's plan is made an absolute per-socket action before the
+        # map (``step``), so the map sees the sockets' own space.
+        mapped = action_space(self.n_sockets) if ev_action == "mpc_residual" else self.action_space
         self.action_map = ActionMap(
-            action_mode=action_mode,
+            action_mode="per_socket" if ev_action == "mpc_residual" else action_mode,
             battery_action=battery_action,
             safety_layer=safety_layer,
             n_sockets=self.n_sockets,
             socket_class=self._socket_class,
-            low=self.action_space.low,
-            high=self.action_space.high,
+            low=mapped.low,
+            high=mapped.high,
             step_kwh=self._step_kwh,
             socket_grid_kwh=self._socket_grid_kwh,
             bess_step_kwh=self._bess_step_kwh,
@@ -521,7 +549,7 @@ class SiteStep:
             soc = cap = np.zeros((self.n_envs, 0))
             if plugged.size:
                 soc, cap = self.plugged_soc(t)
-            self._base_battery = self.mpc_base.battery(
+            self._base = self.mpc_base.plan(
                 t,
                 raw[:, self._soc_obs],
                 self.prev_import_kwh,
@@ -531,8 +559,23 @@ class SiteStep:
                 self.sim.required_soc[plugged, t],
                 self.sim.departure_steps[plugged, t],
             )
-        base = (self._base_battery[:, None] + 1.0) / 2.0
-        return np.concatenate([obs, base], axis=1).astype(np.float32)
+        base = [(self._base[:, :1] + 1.0) / 2.0]
+        if self.ev_action == "mpc_residual":
+            base.append(self._base[:, 1:].mean(axis=1, keepdims=True))
+        return np.concatenate([obs, *base], axis=1).astype(np.float32)
+
+    def on_base(self, actions: np.ndarray) -> np.ndarray:
+        """A residual learner's actions [n_envs, 1 + EV actions] made absolute on the MPC's
+        (a new array): the battery's correction times ``residual_frac`` added to the MPC's
+        battery action; with ``ev_action=mpc_residual`` each EV correction (per socket,
+        or per vehicle class for each of its sockets) added to the MPC's socket action."""
+        space = self.action_space
+        a = np.clip(np.asarray(actions, dtype=np.float64), space.low, space.high)
+        battery = self.residual_frac * a[:, :1] + self._base[:, :1]
+        if self.ev_action != "mpc_residual":
+            return np.concatenate([battery, a[:, 1:]], axis=1)
+        ev = a[:, 1:] if self.action_mode == "per_socket" else a[:, 1 + self._socket_class]
+        return np.concatenate([battery, np.clip(self._base[:, 1:] + ev, 0.0, 1.0)], axis=1)
 
     def plugged_soc(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of step t and capacity [kWh] of the vehicles plugged in then,
@@ -652,10 +695,7 @@ class SiteStep:
             self._record_state(t, soc)
         actions = np.asarray(actions).reshape(self.n_envs, -1)
         if self.mpc_base is not None:
-            actions = actions.astype(np.float64)  # a copy: the caller's array stays as it was
-            actions[:, 0] = (
-                self.residual_frac * np.clip(actions[:, 0], -1.0, 1.0) + self._base_battery
-            )
+            actions = self.on_base(actions)
         a, ev_action, forced = self.action_map.apply(
             actions,
             plugged,

@@ -149,6 +149,7 @@ class TwinVecEnv(VecEnv):
         action_mode: str = "per_socket",
         battery_action: str = "power",
         residual_frac: float = 0.5,
+        ev_action: str = "intensity",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -167,6 +168,7 @@ class TwinVecEnv(VecEnv):
                 action_mode=action_mode,
                 battery_action=battery_action,
                 residual_frac=residual_frac,
+                ev_action=ev_action,
             )
             for ds in years
         ]
