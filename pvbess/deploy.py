@@ -22,7 +22,8 @@ still apply) and ``socket_kw_i`` (0 at an empty socket).
 
 Inside: the simulator's observation rebuilt from the state and scaled as in training,
 the features (``pvbess.sim.step.compose_observation``), VecNormalize's frozen statistics,
-the SB3 policy (deterministic) or the controller's decision (``policy.act``), and the
+the SB3 policy (deterministic; a residual learner's correction added to its planner's
+action, ``pvbess.sim.step.Residual``) or the controller's decision (``policy.act``), and the
 env's action mapping with its safety layer (``pvbess.sim.step.ActionMap``): the same
 functions the env runs, so a served controller never leaves a vehicle short of its
 required SOC when that can still be reached.
@@ -112,9 +113,13 @@ class Spec:
     max_import_kwh: float
     max_need_kwh: float
     action_map: ActionMap
-    forecast_leads_h: list[float] = field(default_factory=list)
+    forecast_leads_h: list[float] = field(default_factory=list)  # the request's columns
+    planner_leads_h: list[float] = field(default_factory=list)  # what ``Planner`` is given
     needs_prev_net: bool = False
-    policy: Any = None  # a controller's decision (``Rules``, ``FullPower``, ``Planner``)
+    # A controller's decision (``Rules``, ``FullPower``, ``Planner``), or the planner a
+    # residual learner corrects (``residual``: how, ``pvbess.sim.step.Residual``).
+    policy: Any = None
+    residual: Any = None
     agent_class: str = ""  # a learner's SB3 class
 
     def input_columns(self) -> list[str]:
@@ -147,16 +152,22 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
     learner = bool(getattr(model, "learns", True))
     policy = None
     leads: list[float] = []
+    planner_leads: list[float] = []
     if learner:
-        if core.mpc_base is not None:
-            raise NotDeployable(
-                f"agent {agent!r} is a residual learner (env.battery_action=mpc_residual): its "
-                "battery action adds to the MPC planner's, which the served model does not "
-                "carry; serve agent=mpc_persistence, or train with env.battery_action=power"
-            )
         obs = core.features.config
         if obs.forecast != "none":
             leads = list(obs.forecast_leads_h)
+        if core.mpc_base is not None:
+            if obs.forecast not in ("none", "persistence"):
+                raise NotDeployable(
+                    f"agent {agent!r} is a residual learner that observes {obs.forecast} "
+                    "forecasts while its planner is given persistence ones: a request holds "
+                    "one forecast per lead; train it with env.observations.forecast="
+                    "persistence (levers=mpc_residual) to serve it"
+                )
+            policy = core.mpc_base.planner
+            planner_leads = core.mpc_base.leads_h
+            leads = sorted(set(leads) | set(planner_leads))
     else:
         policy = model.policy
         if policy is None:
@@ -165,7 +176,7 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
                 "decision from one step's state to serve"
             )
         horizon = getattr(policy, "horizon", 0)
-        leads = [h * STEP_HOURS for h in range(1, horizon)]
+        leads = planner_leads = [h * STEP_HOURS for h in range(1, horizon)]
     layout = copy.copy(core.features)
     layout.table = layout.table[:0]
     classes = {c: site.ev.classes[c].battery_kwh for c in site.ev.classes}
@@ -194,8 +205,10 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
         max_need_kwh=core._max_need_kwh,
         action_map=core.action_map,
         forecast_leads_h=leads,
+        planner_leads_h=planner_leads,
         needs_prev_net=learner or hasattr(policy, "horizon"),
         policy=policy,
+        residual=core.residual if learner else None,
         agent_class=agent_target if learner else "",
     )
 
@@ -438,24 +451,37 @@ class ControllerModel(_pyfunc_base()):  # type: ignore[misc]
         return answer(self.spec, self.model, self.vec_normalize, pd.DataFrame(model_input))
 
 
+def planned(spec: Spec, s: StepState, m: Any) -> np.ndarray:
+    """The planner's action [1 + socket] on what it measures and the request's forecasts."""
+    fc = {
+        q: np.asarray(
+            [float(s.row[forecast_column(q, h)]) * STEP_HOURS for h in spec.planner_leads_h]
+        )
+        for q in ("pv_kwh", "load_kwh")
+    }
+    return spec.policy.act(m, fc["pv_kwh"], fc["load_kwh"])
+
+
 def action_of(spec: Spec, s: StepState, model: Any, vec_normalize: Any) -> np.ndarray:
-    """The env's action [1 + EV actions] the controller takes in this state."""
+    """The env's action [1 + EV actions] the controller takes in this state: for a residual
+    learner, its correction made absolute on the planner's action, as in the env."""
     scaled, obs = observation(s, spec)
     if spec.kind == "learner":
         x = obs[0]
+        base = None
+        if spec.residual is not None:
+            base = planned(spec, s, measured(s, scaled, spec))[None, :]
+            x = np.concatenate([obs, *spec.residual.features(base)], axis=1)[0]
+            x = x.astype(np.float32)
         if vec_normalize is not None:
             x = vec_normalize.normalize_obs(x)
         action, _ = model.predict(x, deterministic=True)
-        return np.asarray(action)
+        if base is None:
+            return np.asarray(action)
+        return spec.residual.absolute(np.asarray(action).reshape(1, -1), base)[0]
     m = measured(s, scaled, spec)
     if hasattr(spec.policy, "horizon"):
-        fc = {
-            q: np.asarray(
-                [float(s.row[forecast_column(q, h)]) * STEP_HOURS for h in spec.forecast_leads_h]
-            )
-            for q in ("pv_kwh", "load_kwh")
-        }
-        return spec.policy.act(m, fc["pv_kwh"], fc["load_kwh"])
+        return planned(spec, s, m)
     return spec.policy.act(m)
 
 

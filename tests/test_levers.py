@@ -3,8 +3,11 @@ the reward baseline and normalization; hand-computed values, parity on both simu
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
+import torch
 
 from pvbess import config
 from pvbess.config import ConfigError, ObservationConfig, RewardConfig, RewardWeights
@@ -413,13 +416,80 @@ def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tm
     assert second.obs_rms.count == count
 
 
-def test_a_residual_learner_is_not_served(tiny_dataset) -> None:
-    """The served model carries a learner's policy, not the MPC under it: refused by name,
-    where the run would log ``controller=not deployable``."""
+@pytest.mark.parametrize(
+    ("action_mode", "ev_action"),
+    [
+        ("per_socket", "intensity"),
+        ("fleet", "intensity"),
+        ("per_socket", "mpc_residual"),
+        ("fleet", "mpc_residual"),
+    ],
+)
+def test_a_residual_learner_is_served_as_evaluated(tiny_dataset, action_mode, ev_action) -> None:
+    """The served model carries the planner under the learner: the states a residual PPO
+    met over two days, asked of ``pvbess.deploy.answer``, get the battery and socket powers
+    it took. Not bit for bit: the env's planner reads the grid import and the SOC it knows,
+    the served one the request's net use and SOC (float32): the powers agree to 1e-6 kW."""
+    from stable_baselines3 import PPO
+
+    from pvbess import deploy
+    from pvbess.control.residual import ResidualPolicy
+
+    # levers=default's observations; per-socket ones differ by design (README: a just-plugged
+    # vehicle's SOC), so they are off as there.
+    observations = ObservationConfig(
+        sockets=False, time=True, tariff=True, forecast="persistence", peak=True, fleet=True
+    )
+    levers = {"action_mode": action_mode, "battery_action": "mpc_residual", "ev_action": ev_action}
+    env = SiteEnv(tiny_dataset, _reward(), backend="twin", observations=observations, **levers)
+    model = PPO(ResidualPolicy, env, seed=0)
+    with torch.no_grad():  # a policy that corrects: the untrained one answers the plan alone
+        net = model.policy.action_net
+        net.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+        net.bias.zero_()
+    obs, _ = env.reset(seed=tiny_dataset.site.seed)
+    for _ in range(48):
+        obs, *_ = env.step(model.predict(obs, deterministic=True)[0])
+    spec = deploy.build_spec(model, env, "stable_baselines3.PPO", "ppo_residual")
+    assert "pv_forecast_23h_kw" in spec.input_columns()  # the planner's leads, 1 .. 23 h
+    assert "pv_forecast_24h_kw" in spec.input_columns()  # the learner's longest
+    spec = pickle.loads(pickle.dumps(spec))  # as the logged model carries it
+    taken = env.core.state_frame()
+    got = deploy.answer(spec, model, None, deploy.request_frame(taken.rename_axis("time"), spec))
+    want = taken[deploy.output_columns(env.n_sockets)].reset_index(drop=True)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=1e-6)
+    # The learner's corrections count: the plan alone answers otherwise.
+    assert not np.allclose(want["battery_kw"], _plan_alone(env, taken, spec), atol=1.0)
+
+
+def _plan_alone(env: SiteEnv, taken, spec) -> np.ndarray:
+    """What the planner alone would tell the battery in the same states [kW]."""
     from pvbess import deploy
 
-    env = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="mpc_residual")
-    with pytest.raises(deploy.NotDeployable, match="residual learner"):
+    frame = deploy.request_frame(taken.rename_axis("time"), spec)
+    times = deploy.validate(frame, spec)
+    out = []
+    for k in range(len(frame)):
+        s = deploy.step_state(frame.iloc[k], times[k], spec)
+        scaled, _ = deploy.observation(s, spec)
+        out.append(deploy.planned(spec, s, deploy.measured(s, scaled, spec))[0])
+    return np.asarray(out) * env.site.bess.power_kw
+
+
+def test_a_residual_learner_on_other_forecasts_is_not_served(tiny_dataset) -> None:
+    """Its request would need two forecasts at one lead (the learner's, the planner's
+    persistence): refused by name, where the run would log ``controller=not deployable``."""
+    from pvbess import deploy
+
+    observations = ObservationConfig(forecast="perfect")
+    env = SiteEnv(
+        tiny_dataset,
+        _reward(),
+        backend="twin",
+        observations=observations,
+        battery_action="mpc_residual",
+    )
+    with pytest.raises(deploy.NotDeployable, match="residual learner that observes perfect"):
         deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
 
 

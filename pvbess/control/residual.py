@@ -57,6 +57,18 @@ class MpcBase:
         self.pv_kwh = dataset.series["pv_kwh"].to_numpy()
         self.load_kwh = dataset.series["load_kwh"].to_numpy()
 
+    @property
+    def leads_h(self) -> list[float]:
+        """The forecast leads the planner is given [h]: 1 step .. horizon - 1 steps."""
+        return [h * STEP_HOURS for h in range(1, self.horizon)]
+
+    def forecasts(self, t: int | np.ndarray) -> dict[str, np.ndarray]:
+        """The PV and load forecasts [kWh per step] the planner is given at step(s) t,
+        each [leads] (or [len(t), leads]): persistence, the same hour on the last day
+        observed."""
+        src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
+        return {"pv_kwh": self.pv_kwh[src], "load_kwh": self.load_kwh[src]}
+
     def plan(
         self,
         t: int,
@@ -71,8 +83,8 @@ class MpcBase:
         """Each copy's planned action [n_envs, 1 + socket] at step t: its SOC [frac] and last
         step's import [kWh] [n_envs], the plugged vehicles' SOC and capacity [n_envs,
         plugged], their required SOC and steps to departure [plugged]."""
-        src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
-        pv_fc, load_fc = self.pv_kwh[src], self.load_kwh[src]
+        fc = self.forecasts(t)
+        pv_fc, load_fc = fc["pv_kwh"], fc["load_kwh"]
         out = np.zeros((len(battery_soc_frac), 1 + self.planner.sockets.n_sockets))
         for i in range(len(out)):
             m = Measured(

@@ -571,6 +571,7 @@ TERMINAL_COLUMNS = [
     "env",
     "seeds",
     "of optimum's gain [%]",
+    "chosen at [steps]",  # 0,0,0: no seed's learning beat its untrained policy
     "CO2 [t/yr]",
     "Δ CO2 [%]",
     "Δ cost [%]",

@@ -135,6 +135,39 @@ def neutral_action(space: gym.spaces.Box) -> np.ndarray:
     return np.where(low < 0, 0.0, np.asarray(space.high, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class Residual:
+    """How a residual learner's action rides on the MPC planner's (``env.battery_action=
+    mpc_residual``): what it observes of the plan and how its correction becomes the
+    absolute action. The env's step and the served controller (``pvbess.deploy``) both
+    use it, so the two cannot drift apart."""
+
+    frac: float  # the battery correction's share of the rating (env.residual_frac)
+    space: gym.spaces.Box  # the learner's action space
+    corrects_plan: bool  # ev_action=mpc_residual: the EV actions correct the socket plan
+    socket_class: np.ndarray | None  # fleet actions: each socket's class; per socket: None
+
+    def features(self, base: np.ndarray) -> list[np.ndarray]:
+        """What the learner observes of the plan ``base`` [n, 1 + socket]: its battery
+        action in [0, 1], and with ``corrects_plan`` the mean socket action; each [n, 1]."""
+        out = [(base[:, :1] + 1.0) / 2.0]
+        if self.corrects_plan:
+            out.append(base[:, 1:].mean(axis=1, keepdims=True))
+        return out
+
+    def absolute(self, actions: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """The learner's actions [n, 1 + EV actions] made absolute on the plan ``base``
+        (a new array): the battery's correction times ``frac`` added to the plan's battery
+        action; with ``corrects_plan`` each EV correction (per socket, or per vehicle class
+        for each of its sockets) added to the plan's socket action, clipped to [0, 1]."""
+        a = np.clip(np.asarray(actions, dtype=np.float64), self.space.low, self.space.high)
+        battery = self.frac * a[:, :1] + base[:, :1]
+        if not self.corrects_plan:
+            return np.concatenate([battery, a[:, 1:]], axis=1)
+        ev = a[:, 1:] if self.socket_class is None else a[:, 1 + self.socket_class]
+        return np.concatenate([battery, np.clip(base[:, 1:] + ev, 0.0, 1.0)], axis=1)
+
+
 def observation_space(n_obs: int) -> gym.spaces.Box:
     """Observations scaled to [0, 1]."""
     return gym.spaces.Box(0.0, 1.0, shape=(n_obs,), dtype=np.float32)
@@ -467,10 +500,17 @@ class SiteStep:
         # it observes (the last feature); ev_action=mpc_residual: its EV actions are added
         # to the MPC's charging plan too, whose mean over the sockets it also observes.
         self.mpc_base: Any = None
+        self.residual: Residual | None = None
         if battery_action == "mpc_residual":
             from pvbess.control.residual import MpcBase  # the control package imports this one
 
             self.mpc_base = MpcBase(dataset, reward.weights, self.scales)
+            self.residual = Residual(
+                frac=residual_frac,
+                space=self.action_space,
+                corrects_plan=ev_action == "mpc_residual",
+                socket_class=None if action_mode == "per_socket" else self._socket_class,
+            )
         self._base = np.zeros((self.n_envs, 1 + self.n_sockets))
         n_base_obs = 0 if self.mpc_base is None else 1 + (ev_action == "mpc_residual")
         self.observation_space = observation_space(self.features.size + n_base_obs)
@@ -559,23 +599,15 @@ class SiteStep:
                 self.sim.required_soc[plugged, t],
                 self.sim.departure_steps[plugged, t],
             )
-        base = [(self._base[:, :1] + 1.0) / 2.0]
-        if self.ev_action == "mpc_residual":
-            base.append(self._base[:, 1:].mean(axis=1, keepdims=True))
+        assert self.residual is not None
+        base = self.residual.features(self._base)
         return np.concatenate([obs, *base], axis=1).astype(np.float32)
 
     def on_base(self, actions: np.ndarray) -> np.ndarray:
-        """A residual learner's actions [n_envs, 1 + EV actions] made absolute on the MPC's
-        (a new array): the battery's correction times ``residual_frac`` added to the MPC's
-        battery action; with ``ev_action=mpc_residual`` each EV correction (per socket,
-        or per vehicle class for each of its sockets) added to the MPC's socket action."""
-        space = self.action_space
-        a = np.clip(np.asarray(actions, dtype=np.float64), space.low, space.high)
-        battery = self.residual_frac * a[:, :1] + self._base[:, :1]
-        if self.ev_action != "mpc_residual":
-            return np.concatenate([battery, a[:, 1:]], axis=1)
-        ev = a[:, 1:] if self.action_mode == "per_socket" else a[:, 1 + self._socket_class]
-        return np.concatenate([battery, np.clip(self._base[:, 1:] + ev, 0.0, 1.0)], axis=1)
+        """A residual learner's actions [n_envs, 1 + EV actions] made absolute on this
+        step's plan (``Residual.absolute``)."""
+        assert self.residual is not None
+        return self.residual.absolute(actions, self._base)
 
     def plugged_soc(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """SOC at the start of step t and capacity [kWh] of the vehicles plugged in then,
@@ -796,6 +828,13 @@ class SiteStep:
             for name, table in tables.items():
                 for j, h in enumerate(obs.forecast_leads_h):
                     cols[forecast_column(name, h)] = table[:n, j] / STEP_HOURS
+        if self.mpc_base is not None:
+            # What the residual learner's planner was given (persistence), for a served one
+            # to read from its request. At a lead the learner observes too, the column stays
+            # the learner's: equal when it observes persistence, the only case that is served.
+            for name, table in self.mpc_base.forecasts(np.arange(n)).items():
+                for j, h in enumerate(self.mpc_base.leads_h):
+                    cols.setdefault(forecast_column(name, h), table[:, j] / STEP_HOURS)
         battery_kw, socket_kw = device_powers(
             self.history_arrays["action_bess"][copy, :n],
             self._ev_action[copy, :, :n],
