@@ -174,7 +174,7 @@ def test_zero_residual_is_the_served_mpc(tiny_dataset) -> None:
     plain = SiteEnv(tiny_dataset, _reward(), backend="twin")
     mpc = Mpc(plain, forecast="persistence", full_period_bound=False)
     resid = SiteEnv(tiny_dataset, _reward(), backend="twin", battery_action="mpc_residual")
-    assert resid.core.residual_frac == 0.5
+    assert resid.core.residual is not None and resid.core.residual.frac == 0.5
     pv = tiny_dataset.series["pv_kwh"].to_numpy()
     load = tiny_dataset.series["load_kwh"].to_numpy()
     obs, _ = plain.reset(seed=0)

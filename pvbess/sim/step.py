@@ -471,7 +471,6 @@ class SiteStep:
                 f"env.battery_action={battery_action!r}: choose {' | '.join(BATTERY_ACTIONS)}"
             )
         self.battery_action = battery_action
-        self.residual_frac = residual_frac
         if ev_action not in EV_ACTIONS:
             raise ValueError(f"env.ev_action={ev_action!r}: choose {' | '.join(EV_ACTIONS)}")
         if ev_action == "mpc_residual" and battery_action != "mpc_residual":
@@ -479,7 +478,6 @@ class SiteStep:
                 "env.ev_action=mpc_residual corrects the MPC's charging plan: it needs "
                 "env.battery_action=mpc_residual"
             )
-        self.ev_action = ev_action
         self._load = dataset.series["load_kwh"].to_numpy()
         self._pv = dataset.series["pv_kwh"].to_numpy()
         self._bess_step_kwh = self.site.bess.power_kw * STEP_HOURS
@@ -512,7 +510,7 @@ class SiteStep:
                 socket_class=None if action_mode == "per_socket" else self._socket_class,
             )
         self._base = np.zeros((self.n_envs, 1 + self.n_sockets))
-        n_base_obs = 0 if self.mpc_base is None else 1 + (ev_action == "mpc_residual")
+        n_base_obs = 0 if self.residual is None else 1 + self.residual.corrects_plan
         self.observation_space = observation_space(self.features.size + n_base_obs)
         self._max_need_kwh = self.n_sockets * max(
             (c.battery_kwh for c in self.site.ev.classes.values()), default=0.0
@@ -581,7 +579,7 @@ class SiteStep:
             self.scales.max_import_kwh,
             fleet_features,
         )
-        if self.mpc_base is None:
+        if self.residual is None:
             return obs
         t = self.t
         if t < self.n_steps:
@@ -599,7 +597,6 @@ class SiteStep:
                 self.sim.required_soc[plugged, t],
                 self.sim.departure_steps[plugged, t],
             )
-        assert self.residual is not None
         base = self.residual.features(self._base)
         return np.concatenate([obs, *base], axis=1).astype(np.float32)
 
@@ -726,7 +723,7 @@ class SiteStep:
         if self.record:
             self._record_state(t, soc)
         actions = np.asarray(actions).reshape(self.n_envs, -1)
-        if self.mpc_base is not None:
+        if self.residual is not None:
             actions = self.on_base(actions)
         a, ev_action, forced = self.action_map.apply(
             actions,
