@@ -410,6 +410,8 @@ FORECASTS = ("none", "perfect", "persistence", "noisy")
 ACTION_MODES = ("per_socket", "fleet")
 BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
 EV_ACTIONS = ("intensity", "mpc_residual")
+# What a residual learner's planner forecasts of EV arrivals (env.planner_arrivals).
+PLANNER_ARRIVALS = ("none", "persistence")
 REWARD_BASELINES = ("none", "uncontrolled", "mpc")
 
 
@@ -499,6 +501,10 @@ class EnvConfig:
     # actions (per socket, or per vehicle class to each of its sockets), so that the
     # learner's zero action is the MPC's whole decision, charging included.
     ev_action: str = "intensity"
+    # none: the residual learner's planner plans for the plugged vehicles only (as the
+    # served agent=mpc does); persistence: for yesterday's arrivals too, shifted a day
+    # (as agent=mpc_persistence does). With battery_action=mpc_residual only.
+    planner_arrivals: str = "none"
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
     # mpc (with battery_action=mpc_residual): the reward of the learner's neutral action
@@ -535,6 +541,18 @@ class EnvConfig:
             self.ev_action != "mpc_residual" or self.battery_action == "mpc_residual",
             "env.ev_action",
             "mpc_residual corrects the MPC's charging plan: it needs "
+            "env.battery_action=mpc_residual",
+        )
+        _require(
+            self.planner_arrivals in PLANNER_ARRIVALS,
+            "env.planner_arrivals",
+            f"unknown arrival forecast {self.planner_arrivals!r} "
+            f"(choose {' | '.join(PLANNER_ARRIVALS)})",
+        )
+        _require(
+            self.planner_arrivals == "none" or self.battery_action == "mpc_residual",
+            "env.planner_arrivals",
+            "the residual learner's planner forecasts arrivals: it needs "
             "env.battery_action=mpc_residual",
         )
         _require(

@@ -165,6 +165,12 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
                     "one forecast per lead; train it with env.observations.forecast="
                     "persistence (levers=mpc_residual) to serve it"
                 )
+            if core.mpc_base.arrivals != "none":
+                raise NotDeployable(
+                    f"agent {agent!r} is a residual learner whose planner forecasts arrivals "
+                    f"({core.mpc_base.arrivals}: yesterday's sessions), which a request does "
+                    "not carry; train it with env.planner_arrivals=none to serve it"
+                )
             policy = core.mpc_base.planner
             planner_leads = core.mpc_base.leads_h
             leads = sorted(set(leads) | set(planner_leads))

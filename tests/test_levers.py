@@ -247,6 +247,48 @@ def test_zero_residual_on_the_plan_is_the_served_mpcs_whole_decision(
     np.testing.assert_array_equal(up[:, 0], core._base[:, 0])
 
 
+def test_zero_residual_with_arrivals_is_the_evaluated_mpc_persistence(tiny_dataset) -> None:
+    """With ``env.planner_arrivals=persistence`` (``levers=mpc_residual_arrivals``) the
+    zero action is ``agent=mpc_persistence``'s decision (replanned every step, yesterday's
+    arrivals forecast), step after step; without it the planner decides otherwise."""
+    from pvbess.control.mpc import Mpc
+
+    plain = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    mpc = Mpc(plain, forecast="persistence", full_period_bound=False)
+    levers = {"battery_action": "mpc_residual", "ev_action": "mpc_residual"}
+    resid = SiteEnv(
+        tiny_dataset, _reward(), backend="twin", planner_arrivals="persistence", **levers
+    )
+    blind = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    assert 96 < plain.n_steps  # every window below is whole, as the planner's always are
+    obs, _ = plain.reset(seed=0)
+    resid.reset(seed=0)
+    blind.reset(seed=0)
+    zero = np.zeros(resid.action_space.shape[0])
+    differs = 0
+    for _ in range(72):
+        action = mpc.predict(obs)[0]
+        obs, r, *_ = plain.step(action)
+        _, rr, *_ = resid.step(zero)
+        assert rr == pytest.approx(r, abs=1e-6)
+        blind.step(zero)
+        differs += int(not np.allclose(blind.core._base, resid.core._base, atol=1e-6))
+    for col in ("battery_soc_frac", "ev_charging_kwh", "grid_import_kwh"):
+        np.testing.assert_allclose(resid.history()[col], plain.history()[col], atol=1e-6)
+    assert differs > 0  # the arrival forecast changed some decision
+
+
+def test_planner_arrivals_need_the_mpc_battery(tiny_dataset, make_cfg) -> None:
+    with pytest.raises(ValueError, match="battery_action=mpc_residual"):
+        SiteEnv(tiny_dataset, _reward(), backend="twin", planner_arrivals="persistence")
+    with pytest.raises(ConfigError, match=r"env\.planner_arrivals"):
+        config.validate(make_cfg("site=tiny", "env.planner_arrivals=persistence"))
+    with pytest.raises(ConfigError, match=r"env\.planner_arrivals"):
+        config.validate(
+            make_cfg("site=tiny", "levers=mpc_residual", "env.planner_arrivals=perfect")
+        )
+
+
 def test_ev_corrections_need_the_mpc_battery(tiny_dataset) -> None:
     with pytest.raises(ValueError, match="battery_action=mpc_residual"):
         SiteEnv(tiny_dataset, _reward(), backend="twin", ev_action="mpc_residual")
@@ -342,6 +384,16 @@ def test_levers_label() -> None:
     assert levers_label(ObservationConfig(), "fleet", "none", False, "mpc_residual", 0.25) == (
         "act=fleet bess=mpc_residual:0.25"
     )
+    assert levers_label(
+        ObservationConfig(),
+        "fleet",
+        "none",
+        False,
+        "mpc_residual",
+        0.5,
+        "mpc_residual",
+        "persistence",
+    ) == ("act=fleet bess=mpc_residual:0.5 ev=mpc_residual arrivals=persistence")
 
 
 @pytest.mark.parametrize(
@@ -490,6 +542,15 @@ def test_a_residual_learner_on_other_forecasts_is_not_served(tiny_dataset) -> No
         battery_action="mpc_residual",
     )
     with pytest.raises(deploy.NotDeployable, match="residual learner that observes perfect"):
+        deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
+    env = SiteEnv(
+        tiny_dataset,
+        _reward(),
+        backend="twin",
+        battery_action="mpc_residual",
+        planner_arrivals="persistence",
+    )
+    with pytest.raises(deploy.NotDeployable, match="planner forecasts arrivals"):
         deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
 
 

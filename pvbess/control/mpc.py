@@ -84,6 +84,54 @@ class Forecast:
     home: np.ndarray
 
 
+@dataclass(frozen=True)
+class Sessions:
+    """A period's EV sessions in arrival order: arrival and departure steps, battery-side
+    energy [kWh] and site socket. What ``Mpc`` and the residual learner's planner
+    (``pvbess.control.residual.MpcBase``) forecast arrivals from."""
+
+    arrival: np.ndarray
+    departure: np.ndarray
+    energy_kwh: np.ndarray
+    socket: np.ndarray
+
+    @classmethod
+    def of_problem(cls, p: optimal.Problem) -> Sessions:
+        order = np.argsort(p.session_arrival_step, kind="stable")
+        return cls(
+            p.session_arrival_step[order],
+            p.session_departure_step[order],
+            p.session_energy_kwh[order],
+            p.session_socket[order],
+        )
+
+    def arriving(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (arrival order) of the sessions arriving at each step of ``src`` in turn,
+        and how many arrive at each."""
+        lo = np.searchsorted(self.arrival, src, side="left")
+        counts = np.searchsorted(self.arrival, src, side="right") - lo
+        starts = np.cumsum(counts) - counts
+        return np.repeat(lo - starts, counts) + np.arange(int(counts.sum())), counts
+
+    def persistence(self, t: int, n_w: int, n_steps: int) -> Forecast:
+        """The sessions persistence expects over (t, t + n_w) (absolute steps): those that
+        arrived on the last day observed at the same hours (before the first day, the first
+        day's), shifted to their lead with their dwell and energy, homed at their socket.
+        Its PV and load are left empty."""
+        lead = np.arange(1, n_w)
+        src = site_forecast.persistence_source(t, lead, n_steps)
+        idx, counts = self.arriving(src)
+        shift = np.repeat(t + lead - src, counts)
+        return Forecast(
+            pv_kwh=np.zeros(0),
+            load_kwh=np.zeros(0),
+            arrival=self.arrival[idx] + shift,
+            departure=self.departure[idx] + shift,
+            energy_kwh=self.energy_kwh[idx],
+            home=self.socket[idx],
+        )
+
+
 @dataclass
 class Window:
     """One replan's problem: plugged vehicles first (their site sockets and departures
@@ -211,8 +259,10 @@ def socket_plan(w: Window, ev_grid_kwh: np.ndarray, n_real: int) -> np.ndarray:
 class Planner:
     """The served MPC's decision (``pvbess.deploy``): at every call it plans the next
     ``horizon`` steps from what it measures and the PV and load forecasts it is given
-    (lead 1 .. horizon - 1), with no forecast of arrivals (the safety layer serves any
-    vehicle that comes), and acts on the plan's first step as ``Mpc`` does.
+    (lead 1 .. horizon - 1), and acts on the plan's first step as ``Mpc`` does. Given
+    ``arrivals`` (a ``Forecast``'s sessions, steps relative to now, arrivals >= 1) it
+    plans for those vehicles too; without, only for the plugged ones (the safety layer
+    serves any vehicle that comes).
 
     ``template`` is the optimum's problem without a period (physics, weights, scales).
     """
@@ -227,18 +277,23 @@ class Planner:
     bess_power_kw: float
 
     def act(
-        self, m: Measured, pv_forecast_kwh: np.ndarray, load_forecast_kwh: np.ndarray
+        self,
+        m: Measured,
+        pv_forecast_kwh: np.ndarray,
+        load_forecast_kwh: np.ndarray,
+        arrivals: Forecast | None = None,
     ) -> np.ndarray:
         s, p = self.sockets, self.template
         index = pd.date_range(m.time, periods=self.horizon, freq=pd.Timedelta(hours=STEP_HOURS))
         none = np.zeros(0, dtype=np.int64)
+        a = arrivals
         f = Forecast(
             pv_kwh=np.concatenate([[m.pv_kwh], pv_forecast_kwh]),
             load_kwh=np.concatenate([[m.load_kwh], load_forecast_kwh]),
-            arrival=none,
-            departure=none,
-            energy_kwh=np.zeros(0),
-            home=none,
+            arrival=none if a is None else a.arrival,
+            departure=none if a is None else a.departure,
+            energy_kwh=np.zeros(0) if a is None else a.energy_kwh,
+            home=none if a is None else a.home,
         )
         stored_kwh = float(np.clip(m.battery_soc_frac * p.ceiling_kwh, p.floor_kwh, p.ceiling_kwh))
         need_kwh = m.need_kwh(s.n_sockets)
@@ -356,11 +411,7 @@ class Mpc(Controller):
         # The forecasts' sessions must be the ones the simulator plays, cell for cell.
         if not np.array_equal(optimal.plugged_mask(p), e.backend.state[:, : p.n_steps] == 1):
             raise RuntimeError("the dataset's sessions differ from the simulator's charger states")
-        order = np.argsort(p.session_arrival_step, kind="stable")
-        self._arr = p.session_arrival_step[order]
-        self._dep = p.session_departure_step[order]
-        self._energy = p.session_energy_kwh[order]
-        self._socket = p.session_socket[order]
+        self.sessions = Sessions.of_problem(p)
         self._soc_index = e.backend.observation_names.index("electrical_storage_soc")
         self.ceiling_kwh = p.ceiling_kwh
         self.step_battery_kwh = self.socket_kwh * self.charger_eff
@@ -400,14 +451,6 @@ class Mpc(Controller):
         need = np.maximum(b.required_soc[sockets, t] - soc, 0.0) * cap
         return sockets, t + b.departure_steps[sockets, t].astype(np.int64), need
 
-    def _sessions_arriving(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (arrival order) of the sessions arriving at each step of ``src`` in turn,
-        and how many arrive at each."""
-        lo = np.searchsorted(self._arr, src, side="left")
-        counts = np.searchsorted(self._arr, src, side="right") - lo
-        starts = np.cumsum(counts) - counts
-        return np.repeat(lo - starts, counts) + np.arange(int(counts.sum())), counts
-
     def forecast_window(self, t: int, n_w: int) -> Forecast:
         """PV, load and future sessions over [t, t + n_w) as ``forecast`` predicts them.
 
@@ -416,27 +459,21 @@ class Mpc(Controller):
         p = self.problem
         lead = np.arange(n_w)
         future = t + lead[1:]
+        ss = self.sessions
         if self.forecast == "persistence":
             # The last observed day at that hour; before the first day, the first day's.
             src = site_forecast.persistence_source(t, lead, p.n_steps)
-            idx, counts = self._sessions_arriving(src[1:])
-            shift = np.repeat(future - src[1:], counts)
-            return Forecast(
-                pv_kwh=p.pv_kwh[src],
-                load_kwh=p.load_kwh[src],
-                arrival=self._arr[idx] + shift,
-                departure=self._dep[idx] + shift,
-                energy_kwh=self._energy[idx],
-                home=self._socket[idx],
-            )
-        idx, _ = self._sessions_arriving(future)
+            f = ss.persistence(t, n_w, p.n_steps)
+            f.pv_kwh, f.load_kwh = p.pv_kwh[src], p.load_kwh[src]
+            return f
+        idx, _ = ss.arriving(future)
         f = Forecast(
             pv_kwh=p.pv_kwh[t : t + n_w].copy(),
             load_kwh=p.load_kwh[t : t + n_w].copy(),
-            arrival=self._arr[idx],
-            departure=self._dep[idx],
-            energy_kwh=self._energy[idx].copy(),
-            home=self._socket[idx],
+            arrival=ss.arrival[idx],
+            departure=ss.departure[idx],
+            energy_kwh=ss.energy_kwh[idx].copy(),
+            home=ss.socket[idx],
         )
         if self.forecast == "noisy":
             rng = np.random.default_rng([self._rng_seed, t])
@@ -477,8 +514,9 @@ class Mpc(Controller):
             return
         p, st = self.problem, self.stats
         truth = slice(t + 1, t + n_w)
-        idx, _ = self._sessions_arriving(np.arange(t + 1, t + n_w))
-        ev_true = np.bincount(self._arr[idx] - t, self._energy[idx], minlength=n_w)[1:]
+        ss = self.sessions
+        idx, _ = ss.arriving(np.arange(t + 1, t + n_w))
+        ev_true = np.bincount(ss.arrival[idx] - t, ss.energy_kwh[idx], minlength=n_w)[1:]
         ev_hat = np.bincount(f.arrival - t, f.energy_kwh, minlength=n_w)[1:]
         for key, hat, true in (
             ("pv", f.pv_kwh[1:], p.pv_kwh[truth]),
@@ -592,4 +630,12 @@ class Mpc(Controller):
         }
 
 
-__all__ = ["FORECASTS", "TERMINALS", "Mpc", "Planner", "socket_plan", "window_problem"]
+__all__ = [
+    "FORECASTS",
+    "TERMINALS",
+    "Mpc",
+    "Planner",
+    "Sessions",
+    "socket_plan",
+    "window_problem",
+]

@@ -6,8 +6,11 @@ Residual policy learning (Johannink et al. 2019, Silver et al. 2018): the learne
 battery action is a correction to a controller's, so it starts where that
 controller is and learns what the controller's forecasts and model miss. The base
 is ``Planner`` (what ``agent=mpc`` serves): a 24 h rolling LP on persistence
-forecasts of PV and load (the same hour on the last observed day), no forecast of
-arrivals, replanned every step from the copy's measured state.
+forecasts of PV and load (the same hour on the last observed day), replanned every
+step from the copy's measured state. By default it forecasts no arrivals (as served);
+with ``env.planner_arrivals=persistence`` it plans for the vehicles that came the day
+before too, shifted a day with their dwell and energy, as ``agent=mpc_persistence``
+does.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import torch
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 
-from pvbess.config import RewardWeights
+from pvbess.config import PLANNER_ARRIVALS, RewardWeights
 from pvbess.control import optimal
 from pvbess.control.controllers import Measured, Sockets
-from pvbess.control.mpc import LP_ONLY, Planner, planner_template
+from pvbess.control.mpc import LP_ONLY, Planner, Sessions, planner_template
 from pvbess.sim import reward as rw
 from pvbess.sim.step import action_space, neutral_action
 from pvbess.site import forecast as site_forecast
@@ -39,12 +42,21 @@ class MpcBase:
         weights: RewardWeights,
         scales: rw.RewardScales,
         horizon_h: float = 24.0,
+        arrivals: str = "none",
     ) -> None:
+        if arrivals not in PLANNER_ARRIVALS:
+            raise ValueError(
+                f"env.planner_arrivals={arrivals!r}: choose {' | '.join(PLANNER_ARRIVALS)}"
+            )
         site = dataset.site
         self.horizon = max(round(horizon_h / STEP_HOURS), 2)
         space = action_space(dataset.n_sockets)
+        problem = optimal.Problem.from_dataset(dataset, weights, scales)
+        self.arrivals = arrivals
+        self.sessions = Sessions.of_problem(problem)
+        self.n_steps = problem.n_steps
         self.planner = Planner(
-            template=planner_template(optimal.Problem.from_dataset(dataset, weights, scales)),
+            template=planner_template(problem),
             sockets=Sockets.of_site(site, dataset.n_sockets, space.low, space.high),
             tariff=site.tariff,
             grid=site.grid,
@@ -85,6 +97,12 @@ class MpcBase:
         plugged], their required SOC and steps to departure [plugged]."""
         fc = self.forecasts(t)
         pv_fc, load_fc = fc["pv_kwh"], fc["load_kwh"]
+        expected = None
+        if self.arrivals == "persistence":
+            # The same sessions for every copy: the copies of a year share its arrivals.
+            expected = self.sessions.persistence(t, self.horizon, self.n_steps)
+            expected.arrival = expected.arrival - t
+            expected.departure = expected.departure - t
         out = np.zeros((len(battery_soc_frac), 1 + self.planner.sockets.n_sockets))
         for i in range(len(out)):
             m = Measured(
@@ -99,7 +117,7 @@ class MpcBase:
                 departure_steps=departure_steps,
                 prev_import_kwh=float(prev_import_kwh[i]),
             )
-            out[i] = self.planner.act(m, pv_fc, load_fc)
+            out[i] = self.planner.act(m, pv_fc, load_fc, expected)
         return out
 
 

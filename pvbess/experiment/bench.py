@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                 e.battery_action,
                 e.residual_frac,
                 e.ev_action,
+                e.planner_arrivals,
             )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "

@@ -53,6 +53,7 @@ class SiteEnv(gym.Env):
         battery_action: str = "power",
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
+        planner_arrivals: str = "none",
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -79,6 +80,7 @@ class SiteEnv(gym.Env):
             battery_action=battery_action,
             residual_frac=residual_frac,
             ev_action=ev_action,
+            planner_arrivals=planner_arrivals,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -205,6 +207,7 @@ def build_envs(
     battery_action: str = "power",
     residual_frac: float = 0.5,
     ev_action: str = "intensity",
+    planner_arrivals: str = "none",
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -228,7 +231,8 @@ def build_envs(
     vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
     import; ``mpc_residual``: a correction of up to ``residual_frac`` of the rating to
     the forecast MPC's battery action), ``ev_action`` (``mpc_residual``: the EV actions
-    are corrections to the MPC's charging plan), ``reward_baseline`` (``uncontrolled``: each
+    are corrections to the MPC's charging plan), ``planner_arrivals`` (``persistence``:
+    that planner forecasts yesterday's arrivals), ``reward_baseline`` (``uncontrolled``: each
     training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
     the reward of the residual learner's zero correction) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
@@ -254,6 +258,7 @@ def build_envs(
         "battery_action": battery_action,
         "residual_frac": residual_frac,
         "ev_action": ev_action,
+        "planner_arrivals": planner_arrivals,
     }
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
@@ -264,7 +269,14 @@ def build_envs(
         "train_data_hashes": ",".join(y.data_hash for y in years),
         "eval_on_training_data": str(dataset.data_hash in {y.data_hash for y in years}).lower(),
         "env_levers": levers_label(
-            obs, action_mode, reward_baseline, normalize, battery_action, residual_frac, ev_action
+            obs,
+            action_mode,
+            reward_baseline,
+            normalize,
+            battery_action,
+            residual_frac,
+            ev_action,
+            planner_arrivals,
         ),
     }
     if n_envs > 1:
@@ -318,6 +330,7 @@ def levers_label(
     battery_action: str = "power",
     residual_frac: float = 0.5,
     ev_action: str = "intensity",
+    planner_arrivals: str = "none",
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -337,6 +350,8 @@ def levers_label(
         parts.append(f"bess={battery_action}")
     if ev_action != "intensity":
         parts.append(f"ev={ev_action}")
+    if planner_arrivals != "none":
+        parts.append(f"arrivals={planner_arrivals}")
     if reward_baseline != "none":
         parts.append(f"base={reward_baseline}")
     if normalize:

@@ -454,6 +454,7 @@ class SiteStep:
         battery_action: str = "power",
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
+        planner_arrivals: str = "none",
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -502,12 +503,17 @@ class SiteStep:
         if battery_action == "mpc_residual":
             from pvbess.control.residual import MpcBase  # the control package imports this one
 
-            self.mpc_base = MpcBase(dataset, reward.weights, self.scales)
+            self.mpc_base = MpcBase(dataset, reward.weights, self.scales, arrivals=planner_arrivals)
             self.residual = Residual(
                 frac=residual_frac,
                 space=self.action_space,
                 corrects_plan=ev_action == "mpc_residual",
                 socket_class=None if action_mode == "per_socket" else self._socket_class,
+            )
+        elif planner_arrivals != "none":
+            raise ValueError(
+                "env.planner_arrivals: the residual learner's planner forecasts arrivals: it "
+                "needs env.battery_action=mpc_residual"
             )
         self._base = np.zeros((self.n_envs, 1 + self.n_sockets))
         n_base_obs = 0 if self.residual is None else 1 + self.residual.corrects_plan

@@ -150,6 +150,7 @@ class TwinVecEnv(VecEnv):
         battery_action: str = "power",
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
+        planner_arrivals: str = "none",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -169,6 +170,7 @@ class TwinVecEnv(VecEnv):
                 battery_action=battery_action,
                 residual_frac=residual_frac,
                 ev_action=ev_action,
+                planner_arrivals=planner_arrivals,
             )
             for ds in years
         ]
