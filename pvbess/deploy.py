@@ -50,6 +50,7 @@ from pvbess.sim import fleet
 from pvbess.sim.features import Features
 from pvbess.sim.step import (
     BATTERY_SOC_OBS,
+    EXPECTED_SESSIONS,
     NET_OBS,
     ActionMap,
     compose_observation,
@@ -115,6 +116,7 @@ class Spec:
     action_map: ActionMap
     forecast_leads_h: list[float] = field(default_factory=list)  # the request's columns
     planner_leads_h: list[float] = field(default_factory=list)  # what ``Planner`` is given
+    expects_arrivals: bool = False  # the planner reads the request's expected_sessions
     needs_prev_net: bool = False
     # A controller's decision (``Rules``, ``FullPower``, ``Planner``), or the planner a
     # residual learner corrects (``residual``: how, ``pvbess.sim.step.Residual``).
@@ -131,6 +133,8 @@ class Spec:
         cols += [
             forecast_column(q, h) for q in ("pv_kwh", "load_kwh") for h in self.forecast_leads_h
         ]
+        if self.expects_arrivals:
+            cols.append(EXPECTED_SESSIONS)
         return [*cols, "n_sockets", *socket_columns(self.n_sockets)]
 
 
@@ -153,6 +157,7 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
     policy = None
     leads: list[float] = []
     planner_leads: list[float] = []
+    expects_arrivals = False
     if learner:
         obs = core.features.config
         if obs.forecast != "none":
@@ -165,13 +170,8 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
                     "one forecast per lead; train it with env.observations.forecast="
                     "persistence (levers=mpc_residual) to serve it"
                 )
-            if core.mpc_base.arrivals != "none":
-                raise NotDeployable(
-                    f"agent {agent!r} is a residual learner whose planner forecasts arrivals "
-                    f"({core.mpc_base.arrivals}: yesterday's sessions), which a request does "
-                    "not carry; train it with env.planner_arrivals=none to serve it"
-                )
             policy = core.mpc_base.planner
+            expects_arrivals = core.mpc_base.arrivals != "none"
             planner_leads = core.mpc_base.leads_h
             leads = sorted(set(leads) | set(planner_leads))
     else:
@@ -183,6 +183,7 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
             )
         horizon = getattr(policy, "horizon", 0)
         leads = planner_leads = [h * STEP_HOURS for h in range(1, horizon)]
+        expects_arrivals = horizon > 0
     layout = copy.copy(core.features)
     layout.table = layout.table[:0]
     classes = {c: site.ev.classes[c].battery_kwh for c in site.ev.classes}
@@ -212,6 +213,7 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
         action_map=core.action_map,
         forecast_leads_h=leads,
         planner_leads_h=planner_leads,
+        expects_arrivals=expects_arrivals,
         needs_prev_net=learner or hasattr(policy, "horizon"),
         policy=policy,
         residual=core.residual if learner else None,
@@ -245,6 +247,16 @@ def _check_column(col: str, column: pd.Series) -> None:
             raise _bad(f"{col}: {column.iloc[row]!r} in row {row} {what}")
 
 
+def _expected_sessions(text: Any, spec: Spec, row: int) -> Any:
+    """A row's ``expected_sessions`` as the sessions its planner plans for (a ``Forecast``)."""
+    from pvbess.control.mpc import parse_sessions
+
+    try:
+        return parse_sessions(text, spec.n_sockets, spec.policy.horizon)
+    except ValueError as exc:
+        raise _bad(f"{EXPECTED_SESSIONS}: {exc} (row {row})") from exc
+
+
 def validate(frame: pd.DataFrame, spec: Spec) -> pd.DatetimeIndex:
     """Refuse a request the controller must not answer; return its times (site time)."""
     missing = [c for c in spec.input_columns() if c not in frame.columns]
@@ -260,13 +272,17 @@ def validate(frame: pd.DataFrame, spec: Spec) -> pd.DatetimeIndex:
             f"{frame.index.get_loc(wrong[0])}, the site {spec.site!r} has {spec.n_sockets} sockets"
         )
     for col in spec.input_columns()[1:]:
-        _check_column(col, frame[col])
+        if col != EXPECTED_SESSIONS:
+            _check_column(col, frame[col])
     for i in range(1, spec.n_sockets + 1):
         plugged = frame[f"plugged_{i}"].to_numpy(dtype=np.float64) == 1
         hours = frame[f"hours_to_departure_{i}"].to_numpy(dtype=np.float64)
         if (plugged & (hours <= 0)).any():
             row = int(np.argmax(plugged & (hours <= 0)))
             raise _bad(f"hours_to_departure_{i}: must be > 0 for a plugged vehicle (row {row})")
+    if spec.expects_arrivals:
+        for row, text in enumerate(frame[EXPECTED_SESSIONS]):
+            _expected_sessions(text, spec, row)
     try:
         times = pd.DatetimeIndex(pd.to_datetime(frame["time"].astype(str), format="ISO8601"))
     except (ValueError, TypeError) as exc:
@@ -465,7 +481,10 @@ def planned(spec: Spec, s: StepState, m: Any) -> np.ndarray:
         )
         for q in ("pv_kwh", "load_kwh")
     }
-    return spec.policy.act(m, fc["pv_kwh"], fc["load_kwh"])
+    arrivals = None
+    if spec.expects_arrivals:
+        arrivals = _expected_sessions(s.row[EXPECTED_SESSIONS], spec, int(s.row.name))
+    return spec.policy.act(m, fc["pv_kwh"], fc["load_kwh"], arrivals)
 
 
 def action_of(spec: Spec, s: StepState, model: Any, vec_normalize: Any) -> np.ndarray:
@@ -521,7 +540,7 @@ def signature(spec: Spec) -> Any:
     from mlflow.types import ColSpec, Schema
 
     def kind(col: str) -> str:
-        if col == "time":
+        if col in ("time", EXPECTED_SESSIONS):
             return "string"
         return "long" if col == "n_sockets" or col.startswith("plugged_") else "double"
 

@@ -46,6 +46,7 @@ charges and discharges (or imports and curtails) at once, reported as
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -130,6 +131,61 @@ class Sessions:
             energy_kwh=self.energy_kwh[idx],
             home=self.socket[idx],
         )
+
+
+def sessions_json(f: Forecast) -> str:
+    """``f``'s sessions (steps relative to now) as a request's ``expected_sessions``: a JSON
+    array of ``[hours_to_arrival, hours_to_departure, energy_kwh, socket]`` (battery-side
+    energy the vehicle needs; socket 1..n), every float's digits kept."""
+    rows = zip(
+        (f.arrival * STEP_HOURS).tolist(),
+        (f.departure * STEP_HOURS).tolist(),
+        f.energy_kwh.tolist(),
+        (f.home + 1).tolist(),
+        strict=True,
+    )
+    return json.dumps([list(r) for r in rows], separators=(",", ":"))
+
+
+def parse_sessions(text: str, n_sockets: int, horizon: int) -> Forecast:
+    """A request's ``expected_sessions`` (``sessions_json``'s format) as the sessions a
+    ``Planner`` plans for (steps relative to now); those arriving at or beyond the
+    horizon are left out. ValueError names what is wrong."""
+    try:
+        rows = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from exc
+    table = np.asarray(rows, dtype=np.float64) if isinstance(rows, list) else None
+    if table is None or (table.size and (table.ndim != 2 or table.shape[1] != 4)):
+        raise ValueError(
+            "must be a JSON array of [hours_to_arrival, hours_to_departure, energy_kwh, socket]"
+        )
+    table = table.reshape(-1, 4)
+    if not np.isfinite(table).all():
+        raise ValueError("holds a value that is not a finite number")
+    steps = table[:, :2] / STEP_HOURS
+    whole = np.abs(steps - np.round(steps)) < 1e-9
+    arrival, departure = np.round(steps).astype(np.int64).T
+    socket = table[:, 3]
+    checks = (
+        (~whole.all(axis=1), f"hours must be whole {STEP_HOURS:g} h steps"),
+        (arrival < 1, "a vehicle arriving now is plugged in: hours_to_arrival must be >= 1 step"),
+        (departure <= arrival, "hours_to_departure must exceed hours_to_arrival"),
+        (table[:, 2] < 0, "energy_kwh is negative"),
+        ((socket < 1) | (socket > n_sockets) | (socket != np.round(socket)), "socket is not 1..n"),
+    )
+    for bad, what in checks:
+        if bad.any():
+            raise ValueError(f"session {int(np.argmax(bad))}: {what}")
+    keep = arrival < horizon
+    return Forecast(
+        pv_kwh=np.zeros(0),
+        load_kwh=np.zeros(0),
+        arrival=arrival[keep],
+        departure=departure[keep],
+        energy_kwh=table[keep, 2],
+        home=socket[keep].astype(np.int64) - 1,
+    )
 
 
 @dataclass
@@ -636,6 +692,8 @@ __all__ = [
     "Mpc",
     "Planner",
     "Sessions",
+    "parse_sessions",
+    "sessions_json",
     "socket_plan",
     "window_problem",
 ]

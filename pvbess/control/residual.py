@@ -24,7 +24,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from pvbess.config import PLANNER_ARRIVALS, RewardWeights
 from pvbess.control import optimal
 from pvbess.control.controllers import Measured, Sockets
-from pvbess.control.mpc import LP_ONLY, Planner, Sessions, planner_template
+from pvbess.control.mpc import LP_ONLY, Forecast, Planner, Sessions, planner_template
 from pvbess.sim import reward as rw
 from pvbess.sim.step import action_space, neutral_action
 from pvbess.site import forecast as site_forecast
@@ -81,6 +81,15 @@ class MpcBase:
         src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
         return {"pv_kwh": self.pv_kwh[src], "load_kwh": self.load_kwh[src]}
 
+    def expected(self, t: int) -> Forecast | None:
+        """The sessions the planner expects at step t (steps relative to t), or None when it
+        forecasts no arrivals: persistence, yesterday's shifted a day."""
+        if self.arrivals == "none":
+            return None
+        f = self.sessions.persistence(t, self.horizon, self.n_steps)
+        f.arrival, f.departure = f.arrival - t, f.departure - t
+        return f
+
     def plan(
         self,
         t: int,
@@ -97,12 +106,8 @@ class MpcBase:
         plugged], their required SOC and steps to departure [plugged]."""
         fc = self.forecasts(t)
         pv_fc, load_fc = fc["pv_kwh"], fc["load_kwh"]
-        expected = None
-        if self.arrivals == "persistence":
-            # The same sessions for every copy: the copies of a year share its arrivals.
-            expected = self.sessions.persistence(t, self.horizon, self.n_steps)
-            expected.arrival = expected.arrival - t
-            expected.departure = expected.departure - t
+        # The same sessions for every copy: the copies of a year share its arrivals.
+        expected = self.expected(t)
         out = np.zeros((len(battery_soc_frac), 1 + self.planner.sockets.n_sockets))
         for i in range(len(out)):
             m = Measured(

@@ -63,6 +63,10 @@ BATTERY_SOC_OBS = "electrical_storage_soc"
 NET_OBS = "net_electricity_consumption"
 
 
+# The request column of the sessions a planner expects (``pvbess.control.mpc.sessions_json``).
+EXPECTED_SESSIONS = "expected_sessions"
+
+
 def forecast_column(name: str, lead_h: float) -> str:
     """The column of a forecast of ``pv_kwh`` or ``load_kwh`` at a lead [h], in kW."""
     return f"{name[:-4]}_forecast_{lead_h:g}h_kw"
@@ -838,6 +842,12 @@ class SiteStep:
             for name, table in self.mpc_base.forecasts(np.arange(n)).items():
                 for j, h in enumerate(self.mpc_base.leads_h):
                     cols.setdefault(forecast_column(name, h), table[:, j] / STEP_HOURS)
+            if self.mpc_base.arrivals != "none":
+                from pvbess.control.mpc import sessions_json
+
+                cols[EXPECTED_SESSIONS] = np.asarray(
+                    [sessions_json(self.mpc_base.expected(t)) for t in range(n)], dtype=object
+                )
         battery_kw, socket_kw = device_powers(
             self.history_arrays["action_bess"][copy, :n],
             self._ev_action[copy, :, :n],
