@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import requests
 
+from pvbess.sim.step import EXPECTED_SESSIONS
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -78,7 +80,8 @@ def body(frame: pd.DataFrame) -> str:
 
 def run_requests(run_id: str, store: str, tmp: str) -> pd.DataFrame:
     """The run's evaluation states as requests; forecast columns a run's timeseries lacks
-    (the MPC's) are the evaluation's own future PV and load (perfect forecasts)."""
+    (the MPC's) are the evaluation's own future PV and load (perfect forecasts), and
+    expected sessions it lacks (the MPC's) are none (``[]``)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -95,6 +98,8 @@ def run_requests(run_id: str, store: str, tmp: str) -> pd.DataFrame:
             quantity, lead = col.split("_forecast_")
             h = int(float(lead[:-4]))
             extra[col] = ts[f"{quantity}_kw"].shift(-h).ffill()
+        elif col not in ts.columns and col == EXPECTED_SESSIONS:
+            extra[col] = pd.Series("[]", index=ts.index)
     # One concat, not a column at a time: pandas warns about a fragmented frame.
     ts = pd.concat([ts, pd.DataFrame(extra, index=ts.index)], axis=1)
     return deploy.request_frame(ts, columns)
