@@ -17,8 +17,11 @@ socket). What some controllers also need, as columns rather than hidden state:
 the MPC starts its ramp from it), ``peak_import_kw`` (the highest grid import so far,
 for learners that observe it) and forecasts ``pv_forecast_<h>h_kw`` /
 ``load_forecast_<h>h_kw`` (the learner's forecast leads; for the MPC every lead 1 ..
-horizon - 1). The response row holds ``battery_kw`` (+ charges; the battery's own limits
-still apply) and ``socket_kw_i`` (0 at an empty socket).
+horizon - 1) and ``expected_sessions`` (the MPC's, and a residual learner's whose planner
+forecasts arrivals: a JSON array of ``[hours_to_arrival, hours_to_departure, energy_kwh,
+socket]``, ``pvbess.control.mpc.sessions_json``). The response row holds ``battery_kw``
+(+ charges; the battery's own limits still apply) and ``socket_kw_i`` (0 at an empty
+socket).
 
 Inside: the simulator's observation rebuilt from the state and scaled as in training,
 the features (``pvbess.sim.step.compose_observation``), VecNormalize's frozen statistics,

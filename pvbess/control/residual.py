@@ -7,10 +7,10 @@ battery action is a correction to a controller's, so it starts where that
 controller is and learns what the controller's forecasts and model miss. The base
 is ``Planner`` (what ``agent=mpc`` serves): a 24 h rolling LP on persistence
 forecasts of PV and load (the same hour on the last observed day), replanned every
-step from the copy's measured state. By default it forecasts no arrivals (as served);
-with ``env.planner_arrivals=persistence`` it plans for the vehicles that came the day
-before too, shifted a day with their dwell and energy, as ``agent=mpc_persistence``
-does.
+step from the copy's measured state. By default it forecasts no arrivals (as the
+served MPC sent ``[]``); with ``env.planner_arrivals=persistence`` it plans for the
+vehicles that came the day before too, shifted a day with their dwell and energy, as
+``agent=mpc_persistence`` does.
 """
 
 from __future__ import annotations
