@@ -342,14 +342,11 @@ class Planner:
         s, p = self.sockets, self.template
         index = pd.date_range(m.time, periods=self.horizon, freq=pd.Timedelta(hours=STEP_HOURS))
         none = np.zeros(0, dtype=np.int64)
-        a = arrivals
-        f = Forecast(
+        sessions = arrivals or Forecast(none, none, none, none, np.zeros(0), none)
+        f = replace(
+            sessions,
             pv_kwh=np.concatenate([[m.pv_kwh], pv_forecast_kwh]),
             load_kwh=np.concatenate([[m.load_kwh], load_forecast_kwh]),
-            arrival=none if a is None else a.arrival,
-            departure=none if a is None else a.departure,
-            energy_kwh=np.zeros(0) if a is None else a.energy_kwh,
-            home=none if a is None else a.home,
         )
         stored_kwh = float(np.clip(m.battery_soc_frac * p.ceiling_kwh, p.floor_kwh, p.ceiling_kwh))
         need_kwh = m.need_kwh(s.n_sockets)
