@@ -142,7 +142,7 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_learners"]["agent"] == ["ppo", "a2c"]
     assert swept["study_sac"]["agent"] == ["sac"]
     assert swept["study_residual"]["agent"] == ["ppo_residual"]
-    assert swept["study_residual"]["levers"] == ["mpc_residual"]
+    assert swept["study_residual"]["levers"] == ["mpc_residual_arrivals"]
     for name in ("study_learners", "study_sac", "study_residual"):
         assert swept[name]["seed"] == ["0", "1", "2"]
         assert swept[name]["reward"] == ["balanced", "cost_heavy"]
