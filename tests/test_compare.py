@@ -21,6 +21,14 @@ RUNS = {
     "ppo_lr": [*PPO, "seed=0", "agent.learning_rate=0.001"],
     "ppo_budget": ["agent=ppo", "total_timesteps=128", "agent.n_steps=32", "seed=0"],
     "ppo_cost": [*PPO, "seed=0", "reward=cost_heavy"],
+    # Its timeseries carries a text column (each step's expected sessions, JSON).
+    "residual_arrivals": [
+        "agent=ppo_residual",
+        "levers=mpc_residual_arrivals",
+        "total_timesteps=64",
+        "agent.n_steps=32",
+        "seed=0",
+    ],
     "uncontrolled": ["agent=uncontrolled"],
     "uncontrolled_cost": ["agent=uncontrolled", "reward=cost_heavy"],
     "optimal": ["agent=optimal"],
@@ -61,7 +69,10 @@ def _row(t, **where):
 def test_rows_are_experiments_and_only_seeds_are_pooled(store) -> None:
     client = store_client(store)
     t, _ = compare.table(compare.runs_frame(compare.select_runs(client, compare.Selection("tiny"))))
-    ppo = t[(t.agent == "ppo") & (t.reward == "balanced")]
+    residual = t.env.str.contains("bess=mpc_residual")
+    # PPO on the MPC is PPO with other levers: a row of its own.
+    assert (t[residual].agent == "ppo").all() and residual.sum() == 1
+    ppo = t[(t.agent == "ppo") & (t.reward == "balanced") & ~residual]
     # seeds 0 and 1 pooled; another learning rate and another budget are rows of their own.
     assert sorted(ppo.seeds) == [1, 1, 2]
     assert ppo.hparams.nunique() == 2 and ppo.budget.nunique() == 2
@@ -145,7 +156,7 @@ def test_report_files_and_comparison_run(store) -> None:
         "Δ cost [%]",
     ):
         assert col in shown.columns, col
-    assert len(shown) == 8
+    assert len(shown) == 9
     for f in (
         "comparison.csv",
         "comparison.md",

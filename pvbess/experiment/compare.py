@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from pvbess import config
 from pvbess.experiment import tracking
 from pvbess.experiment.checks import CHECK_TAG
+from pvbess.experiment.plots import typical_day
 from pvbess.sim.reward import COMPONENTS
 from pvbess.units import HOURS_PER_YEAR
 
@@ -418,7 +419,9 @@ def plots(client: MlflowClient, frame: pd.DataFrame, t: pd.DataFrame, out: Path)
     ]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.8), sharex=True)
     for name, ts in series.items():
-        day = ts.groupby(ts.index.hour).mean()
+        # Numeric columns only: a residual learner's timeseries records its expected
+        # sessions as JSON text.
+        day = typical_day(ts, [col for col, _ in cols])
         for ax, (col, title) in zip(axes, cols, strict=True):
             ax.plot(day.index, day[col], label=name)
             ax.set(title=title, xlabel="hour")

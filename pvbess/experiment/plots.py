@@ -11,14 +11,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 
-def _typical_day(ts: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+def typical_day(ts: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The mean of ``columns`` per hour of the day (0..23), in their own units."""
     return ts[columns].groupby(ts.index.hour).mean()
 
 
 def dashboard(ts: pd.DataFrame, kpis: dict[str, float], title: str, path: str | Path) -> Path:
     """One page: mean day (kW), monthly energy and CO2, battery SOC, a summary of KPIs."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    day = _typical_day(
+    day = typical_day(
         ts,
         [
             "load_kwh",
