@@ -501,6 +501,10 @@ class EnvConfig:
     # actions (per socket, or per vehicle class to each of its sockets), so that the
     # learner's zero action is the MPC's whole decision, charging included.
     ev_action: str = "intensity"
+    # The scale of those EV corrections (ev_action=mpc_residual) [-]: 1 adds the learner's
+    # correction as it is; 0 leaves the planner's charging plan as planned, so the learner
+    # corrects the battery only (its EV actions change nothing).
+    ev_residual_frac: float = 1.0
     # none: the residual learner's planner plans for the plugged vehicles only (as the
     # served agent=mpc does); persistence: for yesterday's arrivals too, shifted a day
     # (as agent=mpc_persistence does). With battery_action=mpc_residual only.
@@ -542,6 +546,17 @@ class EnvConfig:
             "env.ev_action",
             "mpc_residual corrects the MPC's charging plan: it needs "
             "env.battery_action=mpc_residual",
+        )
+        _require(
+            0.0 <= self.ev_residual_frac <= 1.0,
+            "env.ev_residual_frac",
+            f"must be in [0, 1] (a scale of the EV corrections), got {self.ev_residual_frac}",
+        )
+        _require(
+            self.ev_residual_frac == 1.0 or self.ev_action == "mpc_residual",
+            "env.ev_residual_frac",
+            "scales the corrections to the MPC's charging plan: it needs "
+            "env.ev_action=mpc_residual",
         )
         _require(
             self.planner_arrivals in PLANNER_ARRIVALS,

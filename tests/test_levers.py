@@ -279,6 +279,38 @@ def test_zero_residual_with_arrivals_is_the_evaluated_mpc_persistence(tiny_datas
     assert differs > 0  # the arrival forecast changed some decision
 
 
+def test_with_ev_residual_frac_0_the_charging_is_the_plan(tiny_dataset) -> None:
+    """``env.ev_residual_frac=0`` (``levers=mpc_residual_battery``): whatever the learner's
+    EV actions, the sockets charge as the planner planned, so a learner that corrects
+    only its battery acts as the planner with zero battery corrections; with the default
+    scale 1 the same EV actions change the charging."""
+    levers = {
+        "battery_action": "mpc_residual",
+        "ev_action": "mpc_residual",
+        "planner_arrivals": "persistence",
+    }
+    planner = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    battery_only = SiteEnv(tiny_dataset, _reward(), backend="twin", ev_residual_frac=0.0, **levers)
+    corrected = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    for env in (planner, battery_only, corrected):
+        env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    zero = np.zeros(planner.action_space.shape[0])
+    for _ in range(48):
+        ev = zero.copy()
+        ev[1:] = rng.uniform(-1.0, 1.0, size=zero.size - 1)
+        planner.step(zero)
+        battery_only.step(ev)
+        corrected.step(ev)
+    for col in ("battery_soc_frac", "ev_charging_kwh", "grid_import_kwh"):
+        np.testing.assert_array_equal(battery_only.history()[col], planner.history()[col])
+    assert not np.allclose(
+        corrected.history()["ev_charging_kwh"], planner.history()["ev_charging_kwh"]
+    )
+    with pytest.raises(ValueError, match=r"env\.ev_residual_frac"):
+        SiteEnv(tiny_dataset, _reward(), backend="twin", ev_residual_frac=0.5)
+
+
 def test_planner_arrivals_need_the_mpc_battery(tiny_dataset, make_cfg) -> None:
     with pytest.raises(ValueError, match="battery_action=mpc_residual"):
         SiteEnv(tiny_dataset, _reward(), backend="twin", planner_arrivals="persistence")
@@ -395,6 +427,17 @@ def test_levers_label() -> None:
         "mpc_residual",
         "persistence",
     ) == ("act=fleet bess=mpc_residual:0.5 ev=mpc_residual arrivals=persistence")
+    assert levers_label(
+        ObservationConfig(),
+        "fleet",
+        "none",
+        False,
+        "mpc_residual",
+        0.5,
+        "mpc_residual",
+        "persistence",
+        0.0,
+    ) == ("act=fleet bess=mpc_residual:0.5 ev=mpc_residual:0 arrivals=persistence")
 
 
 @pytest.mark.parametrize(
@@ -404,6 +447,8 @@ def test_levers_label() -> None:
         ("env.battery_action=soc_target", "env.battery_action"),
         ("env.residual_frac=0", "env.residual_frac"),
         ("env.residual_frac=2.5", "env.residual_frac"),
+        ("env.ev_residual_frac=0", "env.ev_residual_frac"),  # needs ev_action=mpc_residual
+        ("levers=mpc_residual_plan env.ev_residual_frac=1.5", "env.ev_residual_frac"),
         ("env.reward_baseline=median", "env.reward_baseline"),
         ("env.reward_baseline=mpc", "env.reward_baseline"),  # needs mpc_residual
         ("env.observations.forecast=psychic", "env.observations.forecast"),
@@ -412,7 +457,7 @@ def test_levers_label() -> None:
 )
 def test_bad_lever_values_name_the_key(make_cfg, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config.validate(make_cfg("site=tiny", override))
+        config.validate(make_cfg("site=tiny", *override.split()))
 
 
 class _Constant:
@@ -470,17 +515,18 @@ def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tm
 
 
 @pytest.mark.parametrize(
-    ("action_mode", "ev_action", "arrivals"),
+    ("action_mode", "ev_action", "arrivals", "ev_frac"),
     [
-        ("per_socket", "intensity", "none"),
-        ("fleet", "intensity", "none"),
-        ("per_socket", "mpc_residual", "none"),
-        ("fleet", "mpc_residual", "none"),
-        ("fleet", "mpc_residual", "persistence"),
+        ("per_socket", "intensity", "none", 1.0),
+        ("fleet", "intensity", "none", 1.0),
+        ("per_socket", "mpc_residual", "none", 1.0),
+        ("fleet", "mpc_residual", "none", 1.0),
+        ("fleet", "mpc_residual", "persistence", 1.0),
+        ("per_socket", "mpc_residual", "none", 0.0),  # the battery corrected only
     ],
 )
 def test_a_residual_learner_is_served_as_evaluated(
-    tiny_dataset, action_mode, ev_action, arrivals
+    tiny_dataset, action_mode, ev_action, arrivals, ev_frac
 ) -> None:
     """The served model carries the planner under the learner: the states a residual PPO
     met over two days, asked of ``pvbess.deploy.answer``, get the battery and socket powers
@@ -500,7 +546,7 @@ def test_a_residual_learner_is_served_as_evaluated(
         sockets=False, time=True, tariff=True, forecast="persistence", peak=True, fleet=True
     )
     levers = {"action_mode": action_mode, "battery_action": "mpc_residual", "ev_action": ev_action}
-    levers["planner_arrivals"] = arrivals
+    levers |= {"planner_arrivals": arrivals, "ev_residual_frac": ev_frac}
     env = SiteEnv(tiny_dataset, _reward(), backend="twin", observations=observations, **levers)
     model = PPO(ResidualPolicy, env, seed=0)
     with torch.no_grad():  # a policy that corrects: the untrained one answers the plan alone

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 e.residual_frac,
                 e.ev_action,
                 e.planner_arrivals,
+                e.ev_residual_frac,
             )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "

@@ -54,6 +54,7 @@ class SiteEnv(gym.Env):
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
+        ev_residual_frac: float = 1.0,
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -81,6 +82,7 @@ class SiteEnv(gym.Env):
             residual_frac=residual_frac,
             ev_action=ev_action,
             planner_arrivals=planner_arrivals,
+            ev_residual_frac=ev_residual_frac,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -208,6 +210,7 @@ def build_envs(
     residual_frac: float = 0.5,
     ev_action: str = "intensity",
     planner_arrivals: str = "none",
+    ev_residual_frac: float = 1.0,
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -231,8 +234,9 @@ def build_envs(
     vehicle class), ``battery_action`` (``grid_target``: the battery aims at a grid
     import; ``mpc_residual``: a correction of up to ``residual_frac`` of the rating to
     the forecast MPC's battery action), ``ev_action`` (``mpc_residual``: the EV actions
-    are corrections to the MPC's charging plan), ``planner_arrivals`` (``persistence``:
-    that planner forecasts yesterday's arrivals), ``reward_baseline`` (``uncontrolled``: each
+    are corrections to the MPC's charging plan, scaled by ``ev_residual_frac``),
+    ``planner_arrivals`` (``persistence``: that planner forecasts yesterday's arrivals),
+    ``reward_baseline`` (``uncontrolled``: each
     training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
     the reward of the residual learner's zero correction) and ``normalize``
     (SB3's VecNormalize of observations and reward with ``gamma``; its statistics
@@ -259,6 +263,7 @@ def build_envs(
         "residual_frac": residual_frac,
         "ev_action": ev_action,
         "planner_arrivals": planner_arrivals,
+        "ev_residual_frac": ev_residual_frac,
     }
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
@@ -277,6 +282,7 @@ def build_envs(
             residual_frac,
             ev_action,
             planner_arrivals,
+            ev_residual_frac,
         ),
     }
     if n_envs > 1:
@@ -331,6 +337,7 @@ def levers_label(
     residual_frac: float = 0.5,
     ev_action: str = "intensity",
     planner_arrivals: str = "none",
+    ev_residual_frac: float = 1.0,
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -350,6 +357,8 @@ def levers_label(
         parts.append(f"bess={battery_action}")
     if ev_action != "intensity":
         parts.append(f"ev={ev_action}")
+        if ev_residual_frac != 1.0:
+            parts[-1] += f":{ev_residual_frac:g}"
     if planner_arrivals != "none":
         parts.append(f"arrivals={planner_arrivals}")
     if reward_baseline != "none":

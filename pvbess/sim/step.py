@@ -150,6 +150,7 @@ class Residual:
     space: gym.spaces.Box  # the learner's action space
     corrects_plan: bool  # ev_action=mpc_residual: the EV actions correct the socket plan
     socket_class: np.ndarray | None  # fleet actions: each socket's class; per socket: None
+    ev_frac: float = 1.0  # the EV corrections' scale (env.ev_residual_frac); 0: the plan
 
     def features(self, base: np.ndarray) -> list[np.ndarray]:
         """What the learner observes of the plan ``base`` [n, 1 + socket]: its battery
@@ -163,12 +164,14 @@ class Residual:
         """The learner's actions [n, 1 + EV actions] made absolute on the plan ``base``
         (a new array): the battery's correction times ``frac`` added to the plan's battery
         action; with ``corrects_plan`` each EV correction (per socket, or per vehicle class
-        for each of its sockets) added to the plan's socket action, clipped to [0, 1]."""
+        for each of its sockets) times ``ev_frac`` added to the plan's socket action,
+        clipped to [0, 1]."""
         a = np.clip(np.asarray(actions, dtype=np.float64), self.space.low, self.space.high)
         battery = self.frac * a[:, :1] + base[:, :1]
         if not self.corrects_plan:
             return np.concatenate([battery, a[:, 1:]], axis=1)
         ev = a[:, 1:] if self.socket_class is None else a[:, 1 + self.socket_class]
+        ev = self.ev_frac * ev
         return np.concatenate([battery, np.clip(base[:, 1:] + ev, 0.0, 1.0)], axis=1)
 
 
@@ -459,6 +462,7 @@ class SiteStep:
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
+        ev_residual_frac: float = 1.0,
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -482,6 +486,13 @@ class SiteStep:
             raise ValueError(
                 "env.ev_action=mpc_residual corrects the MPC's charging plan: it needs "
                 "env.battery_action=mpc_residual"
+            )
+        if not 0.0 <= ev_residual_frac <= 1.0 or (
+            ev_residual_frac != 1.0 and ev_action != "mpc_residual"
+        ):
+            raise ValueError(
+                f"env.ev_residual_frac={ev_residual_frac}: a scale in [0, 1] of the "
+                "corrections to the MPC's charging plan (with env.ev_action=mpc_residual)"
             )
         self._load = dataset.series["load_kwh"].to_numpy()
         self._pv = dataset.series["pv_kwh"].to_numpy()
@@ -513,6 +524,7 @@ class SiteStep:
                 space=self.action_space,
                 corrects_plan=ev_action == "mpc_residual",
                 socket_class=None if action_mode == "per_socket" else self._socket_class,
+                ev_frac=ev_residual_frac,
             )
         elif planner_arrivals != "none":
             raise ValueError(

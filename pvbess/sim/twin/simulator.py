@@ -151,6 +151,7 @@ class TwinVecEnv(VecEnv):
         residual_frac: float = 0.5,
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
+        ev_residual_frac: float = 1.0,
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -171,6 +172,7 @@ class TwinVecEnv(VecEnv):
                 residual_frac=residual_frac,
                 ev_action=ev_action,
                 planner_arrivals=planner_arrivals,
+                ev_residual_frac=ev_residual_frac,
             )
             for ds in years
         ]
