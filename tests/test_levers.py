@@ -534,7 +534,10 @@ def test_a_residual_learner_is_served_as_evaluated(
     the served one the request's net use and SOC (float32): the powers agree to 1e-6 kW
     (measured: 2.4e-8). With ``planner_arrivals=persistence`` the request carries the
     sessions it expects, and the larger LP turns the same input differences into up to
-    1.3e-6 kW at a socket (measured, one step of 48): 1e-5 kW there."""
+    1.3e-6 kW at a socket (measured, one step of 48): 1e-5 kW there. So with
+    ``ev_residual_frac=0``, where the plan's socket actions reach the sockets as they are
+    (not pushed to 0 or 1 by a correction): 6.0e-6 kW at one value of 240 measured in a
+    full-suite run (below 1e-6 when run alone)."""
     from stable_baselines3 import PPO
 
     from pvbess import deploy
@@ -564,7 +567,7 @@ def test_a_residual_learner_is_served_as_evaluated(
     taken = env.core.state_frame()
     got = deploy.answer(spec, model, None, deploy.request_frame(taken.rename_axis("time"), spec))
     want = taken[deploy.output_columns(env.n_sockets)].reset_index(drop=True)
-    atol_kw = 1e-6 if arrivals == "none" else 1e-5
+    atol_kw = 1e-6 if arrivals == "none" and ev_frac == 1.0 else 1e-5
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=atol_kw)
     # The learner's corrections count: the plan alone answers otherwise.
     assert not np.allclose(want["battery_kw"], _plan_alone(env, taken, spec), atol=1.0)
