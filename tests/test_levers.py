@@ -417,27 +417,13 @@ def test_levers_label() -> None:
     assert levers_label(ObservationConfig(), "fleet", "none", False, "mpc_residual", 0.25) == (
         "act=fleet bess=mpc_residual:0.25"
     )
-    assert levers_label(
-        ObservationConfig(),
-        "fleet",
-        "none",
-        False,
-        "mpc_residual",
-        0.5,
-        "mpc_residual",
-        "persistence",
-    ) == ("act=fleet bess=mpc_residual:0.5 ev=mpc_residual arrivals=persistence")
-    assert levers_label(
-        ObservationConfig(),
-        "fleet",
-        "none",
-        False,
-        "mpc_residual",
-        0.5,
-        "mpc_residual",
-        "persistence",
-        0.0,
-    ) == ("act=fleet bess=mpc_residual:0.5 ev=mpc_residual:0 arrivals=persistence")
+    residual = (ObservationConfig(), "fleet", "none", False, "mpc_residual", 0.5, "mpc_residual")
+    assert levers_label(*residual, "persistence") == (
+        "act=fleet bess=mpc_residual:0.5 ev=mpc_residual arrivals=persistence"
+    )
+    assert levers_label(*residual, "persistence", 0.0) == (
+        "act=fleet bess=mpc_residual:0.5 ev=mpc_residual:0 arrivals=persistence"
+    )
 
 
 @pytest.mark.parametrize(
