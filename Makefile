@@ -59,6 +59,11 @@ ablation: install ## What each learner lever does: PPO, default levers / none / 
 	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_ablation $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_ablation
 
+mpc-forecasts: install ## What each forecast is worth to the MPC: every mix of perfect and persistence PV, load and EV arrivals, with the uncontrolled site and the optimum, then compare (its own MLflow experiment)
+	$(BIN)/python -m pvbess.train --multirun experiment=mpc_forecasts site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts $(ARGS)
+	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced,cost_heavy env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts $(ARGS)
+	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts
+
 sweep: install ## A multirun, jobs in parallel, one MLflow parent run: make sweep ARGS="agent=ppo,sac,a2c seed=0,1,2 site=tiny"
 	$(BIN)/python -m pvbess.train --multirun $(ARGS)
 
@@ -104,7 +109,7 @@ STUDY ?= all
 bench-study: install ## Time the README's commands in a temporary root, print a Markdown table: make bench-study STUDY=dataset,run SITE=tiny ARGS="total_timesteps=2000"
 	$(BIN)/python -m pvbess.experiment.bench --study $(STUDY) --site $(SITE) $(ARGS)
 
-.PHONY: bench-study ablation compare-tuned
+.PHONY: bench-study ablation compare-tuned mpc-forecasts
 
 PORT ?= 5000
 STORE ?= sqlite:///$(PVBESS_ROOT)/mlruns/mlflow.db

@@ -124,12 +124,21 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
             cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
             swept[name] = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
             preset = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
-            own = set(leaves(OmegaConf.to_container(preset))) - {"hydra.sweeper.params"}
+            # A group the preset overrides in its defaults list ('override /agent: mpc')
+            # is part of what it changes: its keys are compared with that group's.
+            groups = [
+                f"{g.removeprefix('override /')}={v}"
+                for entry in preset.get("defaults", [])
+                for g, v in entry.items()
+            ]
+            own_base = leaves(OmegaConf.to_container(compose("train", groups))) if groups else base
+            own = set(leaves(OmegaConf.to_container(preset))) - {"hydra.sweeper.params", "defaults"}
             own = {k for k in own if not k.startswith("hydra.")}
             composed = leaves(OmegaConf.to_container(compose("train", [f"experiment={name}"])))
             # A preset holds only what it changes: every other key is the default.
-            changed = {k for k in base if composed.get(k) != base[k]}
-            assert changed == {k for k in own if composed[k] != base.get(k)}, name
+            keys = set(own_base) | set(composed)
+            changed = {k for k in keys if composed.get(k) != own_base.get(k)}
+            assert changed == {k for k in own if composed[k] != own_base.get(k)}, name
     assert swept["study_baselines"]["agent"] == [
         "uncontrolled",
         "rbc",
@@ -143,6 +152,10 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_sac"]["agent"] == ["sac"]
     assert swept["study_residual"]["agent"] == ["ppo_residual"]
     assert swept["study_residual"]["levers"] == ["mpc_residual_arrivals"]
+    assert swept["mpc_forecasts"] == {
+        **{f"agent.forecast_{k}": ["perfect", "persistence"] for k in ("pv", "load", "arrivals")},
+        "reward": ["balanced", "cost_heavy"],
+    }
     for name in ("study_learners", "study_sac", "study_residual"):
         assert swept[name]["seed"] == ["0", "1", "2"]
         assert swept[name]["reward"] == ["balanced", "cost_heavy"]

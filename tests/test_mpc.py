@@ -201,6 +201,30 @@ def test_persistence_repeats_yesterday(env) -> None:
     )
 
 
+SIGNALS = {"pv": ("pv_kwh",), "load": ("load_kwh",)}
+SIGNALS["arrivals"] = ("arrival", "departure", "energy_kwh", "home")
+
+
+@pytest.mark.parametrize("signal", list(SIGNALS))
+def test_a_signal_forecast_overrides_forecast_for_that_signal_alone(env, signal: str) -> None:
+    windows = {
+        kind: Mpc(env, forecast=kind).forecast_window(30, 24) for kind in ("perfect", "persistence")
+    }
+    mixed = {
+        base: Mpc(env, forecast=base, **{f"forecast_{signal}": other}).forecast_window(30, 24)
+        for base, other in (("perfect", "persistence"), ("persistence", "perfect"))
+    }
+    for base, other in (("perfect", "persistence"), ("persistence", "perfect")):
+        for sig, fields in SIGNALS.items():
+            want = windows[other if sig == signal else base]
+            for name in fields:
+                assert np.array_equal(getattr(mixed[base], name), getattr(want, name)), (base, name)
+    # The two kinds differ for every signal here, so the check above can fail.
+    for fields in SIGNALS.values():
+        a, b = (windows[k] for k in ("perfect", "persistence"))
+        assert any(not np.array_equal(getattr(a, n), getattr(b, n)) for n in fields)
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -209,6 +233,8 @@ def test_persistence_repeats_yesterday(env) -> None:
         ({"replan_every_h": 0}, "agent.replan_every_h"),
         ({"horizon_h": 6, "replan_every_h": 12}, "agent.replan_every_h"),
         ({"forecast": "oracle"}, "agent.forecast"),
+        ({"forecast_load": "oracle"}, "agent.forecast_load"),
+        ({"forecast_arrivals": ""}, "agent.forecast_arrivals"),
         ({"terminal": "full"}, "agent.terminal"),
         ({"noise_frac_at_24h": -0.1}, "agent.noise_frac_at_24h"),
     ],

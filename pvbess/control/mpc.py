@@ -23,6 +23,10 @@ problem) and solves it with ``optimal.solve``. What it knows at decision time:
     of their arrival. Seeded by (run seed, step): reproducible, and independent
     of how often the controller replans.
 
+  ``forecast_pv``, ``forecast_load`` and ``forecast_arrivals`` override ``forecast``
+  for one signal (``null``: ``forecast``): ``experiment=mpc_forecasts`` measures what a
+  perfect forecast of each is worth, by running every mix of perfect and persistence.
+
 Forecast sessions sit on virtual sockets beyond the site's, one each, so they
 never collide with a plugged vehicle; each keeps a "home" (the site socket of the
 session it is, or is copied from). ``terminal=start`` keeps the stored energy at
@@ -415,6 +419,9 @@ class Mpc(Controller):
         horizon_h: float = 24,
         replan_every_h: float = 1,
         forecast: str = "perfect",
+        forecast_pv: str | None = None,
+        forecast_load: str | None = None,
+        forecast_arrivals: str | None = None,
         terminal: str = "start",
         noise_frac_at_24h: float = 0.2,
         exact: bool = False,
@@ -434,8 +441,12 @@ class Mpc(Controller):
                 f"agent.replan_every_h: {replan_every_h} h exceeds agent.horizon_h = "
                 f"{horizon_h} h (a plan must cover the steps until the next replan)"
             )
-        if forecast not in FORECASTS:
-            raise ConfigError(f"agent.forecast: {forecast!r}, choose one of {', '.join(FORECASTS)}")
+        kinds = {"pv": forecast_pv, "load": forecast_load, "arrivals": forecast_arrivals}
+        for key, kind in {"": forecast, **{f"_{k}": v for k, v in kinds.items()}}.items():
+            if (kind is not None or not key) and kind not in FORECASTS:
+                raise ConfigError(
+                    f"agent.forecast{key}: {kind!r}, choose one of {', '.join(FORECASTS)}"
+                )
         if terminal not in TERMINALS:
             raise ConfigError(f"agent.terminal: {terminal!r}, choose one of {', '.join(TERMINALS)}")
         if not (math.isfinite(noise_frac_at_24h) and noise_frac_at_24h >= 0):
@@ -445,6 +456,8 @@ class Mpc(Controller):
         super().__init__(env, seed=seed, device=device, name=name)
         e = self.env
         self.forecast = forecast
+        # What each signal's forecast is: the override, else ``forecast``.
+        self.forecasts: dict[str, str] = {k: v or forecast for k, v in kinds.items()}
         self.terminal = terminal
         self.noise_frac_at_24h = float(noise_frac_at_24h)
         self.full_period_bound = full_period_bound
@@ -505,36 +518,43 @@ class Mpc(Controller):
         return sockets, t + b.departure_steps[sockets, t].astype(np.int64), need
 
     def forecast_window(self, t: int, n_w: int) -> Forecast:
-        """PV, load and future sessions over [t, t + n_w) as ``forecast`` predicts them.
+        """PV, load and future sessions over [t, t + n_w) as ``forecasts`` predict them.
 
         Lead 0 (the current hour) is measured; vehicles arriving now are plugged in.
         """
         p = self.problem
         lead = np.arange(n_w)
-        future = t + lead[1:]
+        kind = self.forecasts
         ss = self.sessions
-        if self.forecast == "persistence":
-            # The last observed day at that hour; before the first day, the first day's.
-            src = site_forecast.persistence_source(t, lead, p.n_steps)
+        if kind["arrivals"] == "persistence":
             f = ss.persistence(t, n_w, p.n_steps)
-            f.pv_kwh, f.load_kwh = p.pv_kwh[src], p.load_kwh[src]
-            return f
-        idx, _ = ss.arriving(future)
-        f = Forecast(
-            pv_kwh=p.pv_kwh[t : t + n_w].copy(),
-            load_kwh=p.load_kwh[t : t + n_w].copy(),
-            arrival=ss.arrival[idx],
-            departure=ss.departure[idx],
-            energy_kwh=ss.energy_kwh[idx].copy(),
-            home=ss.socket[idx],
+        else:
+            idx, _ = ss.arriving(t + lead[1:])
+            f = Forecast(
+                pv_kwh=np.zeros(0),
+                load_kwh=np.zeros(0),
+                arrival=ss.arrival[idx],
+                departure=ss.departure[idx],
+                energy_kwh=ss.energy_kwh[idx].copy(),
+                home=ss.socket[idx],
+            )
+        # The last observed day at that hour; before the first day, the first day's.
+        src = site_forecast.persistence_source(t, lead, p.n_steps)
+        f.pv_kwh, f.load_kwh = (
+            (series[src] if kind[key] == "persistence" else series[t : t + n_w].copy())
+            for key, series in (("pv", p.pv_kwh), ("load", p.load_kwh))
         )
-        if self.forecast == "noisy":
+        if "noisy" in kind.values():
+            # Drawn in a fixed order (PV, load, sessions): one seed, one set of errors.
             rng = np.random.default_rng([self._rng_seed, t])
             std = site_forecast.noise_std(lead, self.noise_frac_at_24h)
-            f.pv_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
-            f.load_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
-            noise = std[f.arrival - t] * rng.standard_normal(f.arrival.size)
-            f.energy_kwh *= np.maximum(1.0 + noise, 0.0)
+            if kind["pv"] == "noisy":
+                f.pv_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
+            if kind["load"] == "noisy":
+                f.load_kwh *= np.maximum(1.0 + std * rng.standard_normal(n_w), 0.0)
+            if kind["arrivals"] == "noisy":
+                noise = std[f.arrival - t] * rng.standard_normal(f.arrival.size)
+                f.energy_kwh *= np.maximum(1.0 + noise, 0.0)
         return f
 
     def window(self, t: int, stored_kwh: float, prev_import_kwh: float = 0.0) -> Window:
