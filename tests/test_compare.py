@@ -234,3 +234,17 @@ def test_a_runs_closing_summary_puts_it_in_context(store, tmp_path) -> None:
     text = compare.context(lonely.info.run_id, store_client(tmp_path))
     assert "python -m pvbess.train agent=uncontrolled site=tiny" in text
     assert "python -m pvbess.train agent=optimal site=tiny reward=balanced" in text
+
+
+def test_the_terminal_table_wraps_long_agent_names_instead_of_cutting_them(capsys) -> None:
+    import pandas as pd
+
+    names = [f"mpc(pv=persistence,load=perfect,ev={k})" for k in ("perfect", "persistence")]
+    # Every column filled, so the 250-character console has to squeeze some.
+    shown = pd.DataFrame({c: ["a cell of some length"] * 2 for c in compare.TERMINAL_COLUMNS})
+    shown["agent"] = names
+    compare.print_table(shown, [])
+    body = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("│")]
+    assert len(body) > len(names)  # the names did not fit on one line each
+    # The agent column read top to bottom is the names in full, none cut.
+    assert "".join(ln.split("│")[1].strip() for ln in body) == "".join(names)

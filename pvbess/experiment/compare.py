@@ -594,7 +594,11 @@ def print_table(shown: pd.DataFrame, notes: list[str]) -> None:
     for col in columns:
         # Units in brackets ([t/yr]) are not rich markup: escape them.
         table_.add_column(
-            escape(str(col)), justify="left" if col in ("agent", "reward") else "right"
+            escape(str(col)),
+            justify="left" if col in ("agent", "reward") else "right",
+            # Long names (experiment=mpc_forecasts's) wrap rather than lose the part
+            # that tells two rows apart.
+            overflow="fold" if col == "agent" else "ellipsis",
         )
     for row in shown[columns].itertuples(index=False):
         table_.add_row(
