@@ -207,21 +207,17 @@ SIGNALS["arrivals"] = ("arrival", "departure", "energy_kwh", "home")
 
 @pytest.mark.parametrize("signal", list(SIGNALS))
 def test_a_signal_forecast_overrides_forecast_for_that_signal_alone(env, signal: str) -> None:
-    windows = {
-        kind: Mpc(env, forecast=kind).forecast_window(30, 24) for kind in ("perfect", "persistence")
-    }
-    mixed = {
-        base: Mpc(env, forecast=base, **{f"forecast_{signal}": other}).forecast_window(30, 24)
-        for base, other in (("perfect", "persistence"), ("persistence", "perfect"))
-    }
-    for base, other in (("perfect", "persistence"), ("persistence", "perfect")):
+    kinds = ("perfect", "persistence")
+    windows = {kind: Mpc(env, forecast=kind).forecast_window(30, 24) for kind in kinds}
+    for base, other in (kinds, kinds[::-1]):
+        mixed = Mpc(env, forecast=base, **{f"forecast_{signal}": other}).forecast_window(30, 24)
         for sig, fields in SIGNALS.items():
             want = windows[other if sig == signal else base]
             for name in fields:
-                assert np.array_equal(getattr(mixed[base], name), getattr(want, name)), (base, name)
+                assert np.array_equal(getattr(mixed, name), getattr(want, name)), (base, name)
     # The two kinds differ for every signal here, so the check above can fail.
+    a, b = (windows[k] for k in kinds)
     for fields in SIGNALS.values():
-        a, b = (windows[k] for k in ("perfect", "persistence"))
         assert any(not np.array_equal(getattr(a, n), getattr(b, n)) for n in fields)
 
 

@@ -442,11 +442,10 @@ class Mpc(Controller):
                 f"{horizon_h} h (a plan must cover the steps until the next replan)"
             )
         kinds = {"pv": forecast_pv, "load": forecast_load, "arrivals": forecast_arrivals}
-        for key, kind in {"": forecast, **{f"_{k}": v for k, v in kinds.items()}}.items():
-            if (kind is not None or not key) and kind not in FORECASTS:
-                raise ConfigError(
-                    f"agent.forecast{key}: {kind!r}, choose one of {', '.join(FORECASTS)}"
-                )
+        given = {f"forecast_{k}": v for k, v in kinds.items() if v is not None}
+        for key, kind in {"forecast": forecast, **given}.items():
+            if kind not in FORECASTS:
+                raise ConfigError(f"agent.{key}: {kind!r}, choose one of {', '.join(FORECASTS)}")
         if terminal not in TERMINALS:
             raise ConfigError(f"agent.terminal: {terminal!r}, choose one of {', '.join(TERMINALS)}")
         if not (math.isfinite(noise_frac_at_24h) and noise_frac_at_24h >= 0):
