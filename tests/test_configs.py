@@ -145,6 +145,7 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
         "optimal",
         "mpc",
         "mpc_persistence",
+        "mpc_learned",
     ]
     assert swept["study_baselines"]["reward"] == ["balanced", "cost_heavy"]
     assert swept["study_co2_only"]["reward"] == ["co2_only"]
@@ -153,7 +154,8 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_residual"]["agent"] == ["ppo_residual"]
     assert swept["study_residual"]["levers"] == ["mpc_residual_arrivals"]
     assert swept["mpc_forecasts"] == {
-        **{f"agent.forecast_{k}": ["perfect", "persistence"] for k in ("pv", "load", "arrivals")},
+        **{f"agent.forecast_{k}": ["perfect", "persistence", "learned"] for k in ("pv", "load")},
+        "agent.forecast_arrivals": ["perfect", "persistence"],
         "reward": ["balanced", "cost_heavy"],
     }
     for name in ("study_learners", "study_sac", "study_residual"):

@@ -221,10 +221,40 @@ def test_a_signal_forecast_overrides_forecast_for_that_signal_alone(env, signal:
         assert any(not np.array_equal(getattr(a, n), getattr(b, n)) for n in fields)
 
 
+def test_learned_forecasts_pv_and_load_from_other_years(env) -> None:
+    c = Mpc(env, forecast="learned", horizon_h=48)
+    p, t = c.problem, 30
+    f = c.forecast_window(t, 48)
+    assert f.pv_kwh[0] == p.pv_kwh[t] and f.load_kwh[0] == p.load_kwh[t]  # measured now
+    # Leads 1..24 from the day-ahead model, 25..47 from the two-days-ahead one.
+    for key, got in (("pv", f.pv_kwh), ("load", f.load_kwh)):
+        np.testing.assert_array_equal(got[1:25], c._learned[key][0, t + 1 : t + 25])
+        np.testing.assert_array_equal(got[25:], c._learned[key][1, t + 25 : t + 48])
+    assert not np.array_equal(
+        f.load_kwh, Mpc(env, forecast="persistence").forecast_window(t, 48).load_kwh
+    )
+    # Arrivals are not learned: yesterday's.
+    yesterday = Mpc(env, forecast="persistence", horizon_h=48).forecast_window(t, 48)
+    for name in ("arrival", "departure", "energy_kwh", "home"):
+        assert np.array_equal(getattr(f, name), getattr(yesterday, name)), name
+    _, ts = _mpc(env, forecast="learned")
+    _assert_every_vehicle_leaves_charged(ts)
+
+
+def test_a_learned_forecast_is_never_fitted_on_the_evaluated_year(env) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.forecast_fit_seeds: the year of seed 0"):
+        Mpc(env, forecast="learned", forecast_fit_seeds=[1, 0])
+    with pytest.raises(ConfigError, match=r"agent\.forecast_fit_seeds"):
+        Mpc(env, forecast_load="learned", forecast_fit_seeds=[])
+    # Nothing learned, nothing fitted: the seeds are not read.
+    assert Mpc(env, forecast="persistence", forecast_fit_seeds=[0])._learned == {}
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
         ({"horizon_h": 0}, "agent.horizon_h"),
+        ({"forecast_arrivals": "learned"}, "agent.forecast_arrivals"),
         ({"horizon_h": 1.5}, "agent.horizon_h"),
         ({"replan_every_h": 0}, "agent.replan_every_h"),
         ({"horizon_h": 6, "replan_every_h": 12}, "agent.replan_every_h"),
@@ -246,7 +276,7 @@ def test_bad_config_through_hydra_names_the_key(env) -> None:
         instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")
 
 
-@pytest.mark.parametrize("preset", ["mpc", "mpc_persistence", "mpc_noisy"])
+@pytest.mark.parametrize("preset", ["mpc", "mpc_persistence", "mpc_noisy", "mpc_learned"])
 def test_presets_build_like_an_sb3_agent(env, preset: str) -> None:
     cfg = compose_cfg([f"agent={preset}", "site=tiny"])
     model = instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")

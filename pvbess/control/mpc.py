@@ -21,7 +21,11 @@ problem) and solves it with ``optimal.solve``. What it knows at decision time:
   - ``noisy``: perfect x (1 + e), e Gaussian with std ``noise_frac_at_24h`` x
     sqrt(lead / 24 h), clipped at >= 0; sessions' energies likewise by the lead
     of their arrival. Seeded by (run seed, step): reproducible, and independent
-    of how often the controller replans.
+    of how often the controller replans;
+  - ``learned`` (PV and load; arrivals then persistence): ``pvbess.site.forecast.Learned``,
+    a gradient-boosted day-ahead regression fitted on the site's years of
+    ``forecast_fit_seeds`` (by default the learners' training years,
+    ``env.train_seeds``), never on the evaluated year.
 
   ``forecast_pv``, ``forecast_load`` and ``forecast_arrivals`` override ``forecast``
   for one signal (``null``: ``forecast``): ``experiment=mpc_forecasts`` measures what a
@@ -54,7 +58,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,7 +75,9 @@ from pvbess.units import STEP_HOURS
 
 log = logging.getLogger(__name__)
 
-FORECASTS = ("perfect", "persistence", "noisy")
+FORECASTS = ("perfect", "persistence", "noisy", "learned")
+# What ``learned`` forecasts (``pvbess.site.forecast.Learned``); arrivals are not learned.
+LEARNED_SIGNALS = ("pv", "load")
 TERMINALS = ("start", "free")
 
 
@@ -422,6 +428,7 @@ class Mpc(Controller):
         forecast_pv: str | None = None,
         forecast_load: str | None = None,
         forecast_arrivals: str | None = None,
+        forecast_fit_seeds: Sequence[int] = (1, 2, 3),
         terminal: str = "start",
         noise_frac_at_24h: float = 0.2,
         exact: bool = False,
@@ -446,6 +453,11 @@ class Mpc(Controller):
         for key, kind in {"forecast": forecast, **given}.items():
             if kind not in FORECASTS:
                 raise ConfigError(f"agent.{key}: {kind!r}, choose one of {', '.join(FORECASTS)}")
+        if forecast_arrivals == "learned":
+            raise ConfigError(
+                "agent.forecast_arrivals: 'learned' forecasts PV and load only; arrivals: "
+                "perfect, persistence or noisy"
+            )
         if terminal not in TERMINALS:
             raise ConfigError(f"agent.terminal: {terminal!r}, choose one of {', '.join(TERMINALS)}")
         if not (math.isfinite(noise_frac_at_24h) and noise_frac_at_24h >= 0):
@@ -457,6 +469,9 @@ class Mpc(Controller):
         self.forecast = forecast
         # What each signal's forecast is: the override, else ``forecast``.
         self.forecasts: dict[str, str] = {k: v or forecast for k, v in kinds.items()}
+        if self.forecasts["arrivals"] == "learned":
+            # forecast=learned without forecast_arrivals: yesterday's arrivals.
+            self.forecasts["arrivals"] = "persistence"
         self.terminal = terminal
         self.noise_frac_at_24h = float(noise_frac_at_24h)
         self.full_period_bound = full_period_bound
@@ -477,6 +492,8 @@ class Mpc(Controller):
         if not np.array_equal(optimal.plugged_mask(p), e.backend.state[:, : p.n_steps] == 1):
             raise RuntimeError("the dataset's sessions differ from the simulator's charger states")
         self.sessions = Sessions.of_problem(p)
+        # The learned forecasts' predictions for every step [days back, step] [kWh].
+        self._learned = self._fit_learned(e, [int(s) for s in forecast_fit_seeds])
         self._soc_index = e.backend.observation_names.index("electrical_storage_soc")
         self.ceiling_kwh = p.ceiling_kwh
         self.step_battery_kwh = self.socket_kwh * self.charger_eff
@@ -498,6 +515,39 @@ class Mpc(Controller):
             bess_power_kw=self.bess_power_kw,
         )
         self.last_solution: optimal.Solution | None = None
+
+    def _fit_learned(self, e: Any, seeds: list[int]) -> dict[str, np.ndarray]:
+        """Fit ``learned`` forecasts on the site's years of ``seeds`` (built beside the
+        evaluated dataset, as a learner's training years are) and predict the evaluated
+        year with them; {} when no signal is learned. ConfigError when a fit year is the
+        evaluated one: its forecast would have seen the answers."""
+        keys = [k for k in LEARNED_SIGNALS if self.forecasts[k] == "learned"]
+        if not keys:
+            return {}
+        from pvbess.site import dataset as ds_module
+
+        if not seeds:
+            raise ConfigError("agent.forecast_fit_seeds: forecast=learned needs a year to fit on")
+        ds = e.dataset
+        years = [ds_module.build(replace(ds.site, seed=s), ds.root.parent) for s in seeds]
+        for seed, year in zip(seeds, years, strict=True):
+            if year.data_hash == ds.data_hash:
+                raise ConfigError(
+                    f"agent.forecast_fit_seeds: the year of seed {seed} is the evaluated "
+                    f"year (site.seed={ds.site.seed}); fit the learned forecast on other years"
+                )
+        p = self.problem
+        index = ds.index[: p.n_steps]
+        max_days_back = max(-(-(self.horizon - 1) // site_forecast.DAY_STEPS), 1)
+        out = {}
+        for key in keys:
+            column = f"{key}_kwh"
+            model = site_forecast.Learned(
+                [(y.series[column].to_numpy(), y.index) for y in years], max_days_back
+            )
+            out[key] = model.predictions(getattr(p, column), index)
+        log.info("learned %s forecasts fitted on site seeds %s", "/".join(keys), seeds)
+        return out
 
     # -- what the controller knows at step t ------------------------------------------------
     def stored_kwh(self, observation: np.ndarray) -> float:
@@ -540,7 +590,7 @@ class Mpc(Controller):
         # The last observed day at that hour; before the first day, the first day's.
         src = site_forecast.persistence_source(t, lead, p.n_steps)
         f.pv_kwh, f.load_kwh = (
-            (series[src] if kind[key] == "persistence" else series[t : t + n_w].copy())
+            self._series_window(kind[key], key, series, t, src)
             for key, series in (("pv", p.pv_kwh), ("load", p.load_kwh))
         )
         if "noisy" in kind.values():
@@ -555,6 +605,18 @@ class Mpc(Controller):
                 noise = std[f.arrival - t] * rng.standard_normal(f.arrival.size)
                 f.energy_kwh *= np.maximum(1.0 + noise, 0.0)
         return f
+
+    def _series_window(
+        self, kind: str, key: str, series: np.ndarray, t: int, src: np.ndarray
+    ) -> np.ndarray:
+        """One series over [t, t + src.size) as ``kind`` forecasts it (lead 0 measured)."""
+        if kind == "persistence":
+            return series[src]
+        out = series[t : t + src.size].copy()
+        if kind == "learned":
+            lead = np.arange(1, src.size)
+            out[1:] = self._learned[key][-(-lead // site_forecast.DAY_STEPS) - 1, t + lead]
+        return out
 
     def window(self, t: int, stored_kwh: float, prev_import_kwh: float = 0.0) -> Window:
         """The optimum's problem over [t, t + horizon) as the controller sees it at step t,
