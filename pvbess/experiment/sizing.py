@@ -333,7 +333,7 @@ def _controller_cfg(base: DictConfig, fixed: list[str], controller: str) -> Dict
     if getattr(get_class(cfg.agent["_target_"]), "learns", True):
         raise SizeError(
             f"controllers: {controller} learns; sizing runs controllers that do not "
-            "(optimal, rbc, mpc, mpc_persistence, uncontrolled)"
+            "(optimal, rbc, mpc, mpc_persistence, mpc_learned, uncontrolled)"
         )
     with open_dict(cfg):
         cfg.paths = base.paths
