@@ -250,6 +250,17 @@ def test_a_learned_forecast_is_never_fitted_on_the_evaluated_year(env) -> None:
     assert Mpc(env, forecast="persistence", forecast_fit_seeds=[0])._learned == {}
 
 
+def test_a_learned_forecast_refuses_fit_years_with_the_evaluated_series(env, monkeypatch) -> None:
+    from pvbess.site import dataset as ds_module
+
+    # Another year (another hash, other sessions) with the same load: a site whose load
+    # comes from a file gives every seed the same series.
+    other_year = replace(env.dataset, data_hash="another-year")
+    monkeypatch.setattr(ds_module, "build", lambda site, data_dir: other_year)
+    with pytest.raises(ConfigError, match=r"the load series of seed 1's year is the evaluated"):
+        Mpc(env, forecast_load="learned", forecast_fit_seeds=[1])
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

@@ -536,6 +536,15 @@ class Mpc(Controller):
                     f"agent.forecast_fit_seeds: the year of seed {seed} is the evaluated "
                     f"year (site.seed={ds.site.seed}); fit the learned forecast on other years"
                 )
+            for key in keys:
+                # A series read from a file is the same whatever the seed.
+                column = f"{key}_kwh"
+                if np.array_equal(year.series[column], ds.series[column]):
+                    raise ConfigError(
+                        f"agent.forecast_fit_seeds: the {key} series of seed {seed}'s year is "
+                        f"the evaluated year's (site.{key}.source=csv gives every seed the "
+                        f"same one); a learned {key} forecast needs other years of it"
+                    )
         p = self.problem
         index = ds.index[: p.n_steps]
         max_days_back = max(-(-(self.horizon - 1) // site_forecast.DAY_STEPS), 1)
