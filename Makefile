@@ -59,7 +59,7 @@ ablation: install ## What each learner lever does: PPO, default levers / none / 
 	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_ablation $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_ablation
 
-mpc-forecasts: install ## What each forecast is worth to the MPC: every mix of perfect, persistence and learned PV and load, perfect and persistence EV arrivals, with the uncontrolled site and the optimum, then compare (its own MLflow experiment)
+mpc-forecasts: install ## What each forecast is worth to the MPC: every mix of perfect, persistence, average and learned PV and load, perfect and persistence EV arrivals, with the uncontrolled site and the optimum, then compare (its own MLflow experiment)
 	$(BIN)/python -m pvbess.train --multirun experiment=mpc_forecasts site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts $(ARGS)
 	$(BIN)/python -m pvbess.train --multirun agent=uncontrolled,optimal reward=balanced,cost_heavy env.eval_backend=twin site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts $(ARGS)
 	$(BIN)/python -m pvbess.compare site=$(SITE) tracking.experiment=$(SITE)_mpc_forecasts

@@ -154,7 +154,10 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_residual"]["agent"] == ["ppo_residual"]
     assert swept["study_residual"]["levers"] == ["mpc_residual_arrivals"]
     assert swept["mpc_forecasts"] == {
-        **{f"agent.forecast_{k}": ["perfect", "persistence", "learned"] for k in ("pv", "load")},
+        **{
+            f"agent.forecast_{k}": ["perfect", "persistence", "average", "learned"]
+            for k in ("pv", "load")
+        },
         "agent.forecast_arrivals": ["perfect", "persistence"],
         "reward": ["balanced", "cost_heavy"],
     }

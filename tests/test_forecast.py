@@ -67,3 +67,13 @@ def test_bad_input_is_refused() -> None:
         forecast.Learned([])
     with pytest.raises(ValueError, match="max_days_back must be >= 1"):
         forecast.Learned([_weekend_series("2023-01-01", 2)], max_days_back=0)
+
+
+def test_average_takes_the_same_hour_on_the_last_seven_days_observed() -> None:
+    # At step 200 (day 8, 08:00), lead 1 (09:00): 09:00 on days 7, 6, ..., 1.
+    src = forecast.average_source(200, np.array([1, 24]), 1000)
+    np.testing.assert_array_equal(src[0], [177 - 24 * k for k in range(7)])
+    # Lead 24 (08:00 tomorrow): today's 08:00 is persistence's day.
+    np.testing.assert_array_equal(src[1], [200 - 24 * k for k in range(7)])
+    # Early in the year, days before the first are the first day's.
+    np.testing.assert_array_equal(forecast.average_source(30, np.array([1]), 1000)[0], [7] * 7)

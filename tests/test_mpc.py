@@ -241,6 +241,22 @@ def test_learned_forecasts_pv_and_load_from_other_years(env) -> None:
     _assert_every_vehicle_leaves_charged(ts)
 
 
+def test_average_is_the_mean_of_the_last_seven_days_at_that_hour(env) -> None:
+    c = Mpc(env, forecast="average")
+    p, t = c.problem, 100  # day 5, 04:00: days before the first are the first day's
+    f = c.forecast_window(t, 24)
+    assert f.load_kwh[0] == p.load_kwh[t]  # measured now
+    for lead in (1, 8, 10, 23):  # 05:00, noon, 14:00, 03:00
+        days = [(t + lead - 24 * k) for k in range(1, 8)]
+        for got, series in ((f.pv_kwh, p.pv_kwh), (f.load_kwh, p.load_kwh)):
+            want = np.mean([series[d if d >= 0 else d % 24] for d in days])
+            assert got[lead] == pytest.approx(want, rel=1e-12), lead
+    assert f.pv_kwh[8] > 0  # a daylight hour, so the check can fail
+    yesterday = Mpc(env, forecast="persistence").forecast_window(t, 24)
+    assert np.array_equal(f.arrival, yesterday.arrival)  # arrivals: yesterday's
+    assert not np.array_equal(f.load_kwh, yesterday.load_kwh)
+
+
 def test_a_learned_forecast_is_never_fitted_on_the_evaluated_year(env) -> None:
     with pytest.raises(ConfigError, match=r"agent\.forecast_fit_seeds: the year of seed 0"):
         Mpc(env, forecast="learned", forecast_fit_seeds=[1, 0])
@@ -266,6 +282,7 @@ def test_a_learned_forecast_refuses_fit_years_with_the_evaluated_series(env, mon
     [
         ({"horizon_h": 0}, "agent.horizon_h"),
         ({"forecast_arrivals": "learned"}, "agent.forecast_arrivals"),
+        ({"forecast_arrivals": "average"}, "agent.forecast_arrivals"),
         ({"horizon_h": 1.5}, "agent.horizon_h"),
         ({"replan_every_h": 0}, "agent.replan_every_h"),
         ({"horizon_h": 6, "replan_every_h": 12}, "agent.replan_every_h"),

@@ -22,6 +22,8 @@ problem) and solves it with ``optimal.solve``. What it knows at decision time:
     sqrt(lead / 24 h), clipped at >= 0; sessions' energies likewise by the lead
     of their arrival. Seeded by (run seed, step): reproducible, and independent
     of how often the controller replans;
+  - ``average`` (PV and load; arrivals then persistence): the mean of the same hour on
+    the last 7 days observed (persistence's day and the 6 before it);
   - ``learned`` (PV and load; arrivals then persistence): ``pvbess.site.forecast.Learned``,
     a gradient-boosted day-ahead regression fitted on the site's years of
     ``forecast_fit_seeds`` (by default the learners' training years,
@@ -75,8 +77,8 @@ from pvbess.units import STEP_HOURS
 
 log = logging.getLogger(__name__)
 
-FORECASTS = ("perfect", "persistence", "noisy", "learned")
-# What ``learned`` forecasts (``pvbess.site.forecast.Learned``); arrivals are not learned.
+FORECASTS = ("perfect", "persistence", "noisy", "average", "learned")
+# What ``average`` and ``learned`` forecast; arrivals are neither averaged nor learned.
 LEARNED_SIGNALS = ("pv", "load")
 TERMINALS = ("start", "free")
 
@@ -453,10 +455,10 @@ class Mpc(Controller):
         for key, kind in {"forecast": forecast, **given}.items():
             if kind not in FORECASTS:
                 raise ConfigError(f"agent.{key}: {kind!r}, choose one of {', '.join(FORECASTS)}")
-        if forecast_arrivals == "learned":
+        if forecast_arrivals in ("average", "learned"):
             raise ConfigError(
-                "agent.forecast_arrivals: 'learned' forecasts PV and load only; arrivals: "
-                "perfect, persistence or noisy"
+                f"agent.forecast_arrivals: {forecast_arrivals!r} forecasts PV and load only; "
+                "arrivals: perfect, persistence or noisy"
             )
         if terminal not in TERMINALS:
             raise ConfigError(f"agent.terminal: {terminal!r}, choose one of {', '.join(TERMINALS)}")
@@ -469,8 +471,8 @@ class Mpc(Controller):
         self.forecast = forecast
         # What each signal's forecast is: the override, else ``forecast``.
         self.forecasts: dict[str, str] = {k: v or forecast for k, v in kinds.items()}
-        if self.forecasts["arrivals"] == "learned":
-            # forecast=learned without forecast_arrivals: yesterday's arrivals.
+        if self.forecasts["arrivals"] in ("average", "learned"):
+            # forecast=average or learned without forecast_arrivals: yesterday's arrivals.
             self.forecasts["arrivals"] = "persistence"
         self.terminal = terminal
         self.noise_frac_at_24h = float(noise_frac_at_24h)
@@ -622,7 +624,10 @@ class Mpc(Controller):
         if kind == "persistence":
             return series[src]
         out = series[t : t + src.size].copy()
-        if kind == "learned":
+        if kind == "average":
+            lead = np.arange(1, src.size)
+            out[1:] = series[site_forecast.average_source(t, lead, series.size)].mean(axis=-1)
+        elif kind == "learned":
             lead = np.arange(1, src.size)
             out[1:] = self._learned[key][-(-lead // site_forecast.DAY_STEPS) - 1, t + lead]
         return out

@@ -6,6 +6,8 @@ is told about the hours ahead.
   earlier, 48 h for leads beyond 24 h, ...; before the first day, the first day's);
 - ``noisy``: perfect x (1 + e), e Gaussian with std ``noise_frac_at_24h`` x
   sqrt(lead / 24 h), clipped at >= 0 (an error that grows with the lead time);
+- ``average`` (the MPC's PV and load): the mean of the same hour on the last
+  ``AVERAGE_DAYS`` days observed (persistence's day and the 6 before it);
 - ``learned`` (the MPC's PV and load): ``Learned``, a gradient-boosted regression
   fitted on other years of the site (the learners' training years) from the same
   hour on the last 7 days observed and the calendar, as CityLearn Challenge
@@ -33,6 +35,18 @@ def persistence_source(t: int | np.ndarray, lead: np.ndarray, n_steps: int) -> n
     days_back = -(-lead // DAY_STEPS)
     src = np.add.outer(t, lead - DAY_STEPS * days_back)
     return np.minimum(np.where(src < 0, src % DAY_STEPS, src), n_steps - 1)
+
+
+# How many past days ``average`` takes the mean of.
+AVERAGE_DAYS = 7
+
+
+def average_source(t: int, lead: np.ndarray, n_steps: int, days: int = AVERAGE_DAYS) -> np.ndarray:
+    """The steps ``average`` takes the mean of for step t + lead, [leads, days]: persistence's
+    step and the same hour on the ``days - 1`` days before it (before the first day, the
+    first day's)."""
+    back = persistence_source(t, lead, n_steps)[..., None] - DAY_STEPS * np.arange(days)
+    return np.where(back < 0, back % DAY_STEPS, back)
 
 
 def noise_std(lead: np.ndarray, noise_frac_at_24h: float) -> np.ndarray:
