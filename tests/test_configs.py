@@ -145,6 +145,7 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
         "optimal",
         "mpc",
         "mpc_persistence",
+        "mpc_average",
         "mpc_learned",
     ]
     assert swept["study_baselines"]["reward"] == ["balanced", "cost_heavy"]

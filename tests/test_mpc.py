@@ -304,7 +304,9 @@ def test_bad_config_through_hydra_names_the_key(env) -> None:
         instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")
 
 
-@pytest.mark.parametrize("preset", ["mpc", "mpc_persistence", "mpc_noisy", "mpc_learned"])
+@pytest.mark.parametrize(
+    "preset", ["mpc", "mpc_persistence", "mpc_noisy", "mpc_average", "mpc_learned"]
+)
 def test_presets_build_like_an_sb3_agent(env, preset: str) -> None:
     cfg = compose_cfg([f"agent={preset}", "site=tiny"])
     model = instantiate(cfg.agent, _convert_="all")(env=Monitor(env), seed=0, device="cpu")
