@@ -406,7 +406,7 @@ class DeviceConfig:
 BACKENDS = ("citylearn", "twin")
 
 
-FORECASTS = ("none", "perfect", "persistence", "noisy")
+FORECASTS = ("none", "perfect", "persistence", "noisy", "average")
 ACTION_MODES = ("per_socket", "fleet")
 BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
 EV_ACTIONS = ("intensity", "mpc_residual")
@@ -426,7 +426,7 @@ class ObservationConfig:
     time: bool = False
     # Price now (/ the highest price) and hours to the next price change (/ 24 h).
     tariff: bool = False
-    # PV and load at forecast_leads_h ahead: none | perfect | persistence | noisy
+    # PV and load at forecast_leads_h ahead: none | perfect | persistence | noisy | average
     # (the forecast models of agent=mpc, pvbess.site.forecast).
     forecast: str = "none"
     forecast_leads_h: list[int] = field(default_factory=lambda: [1, 3, 6, 12, 24])

@@ -77,3 +77,12 @@ def test_average_takes_the_same_hour_on_the_last_seven_days_observed() -> None:
     np.testing.assert_array_equal(src[1], [200 - 24 * k for k in range(7)])
     # Early in the year, days before the first are the first day's.
     np.testing.assert_array_equal(forecast.average_source(30, np.array([1]), 1000)[0], [7] * 7)
+
+
+def test_a_learner_observes_the_same_average_as_the_mpc_plans_on() -> None:
+    values = np.arange(24 * 10, dtype=float)
+    table = forecast.table(values, [1, 24], "average")
+    # At step 200, lead 1: the mean of 177, 153, ..., 33 (the value is the step).
+    assert table[200, 0] == np.mean([177 - 24 * k for k in range(7)])
+    assert table[200, 1] == np.mean([200 - 24 * k for k in range(7)])
+    assert table.shape == (240, 2)

@@ -6,7 +6,7 @@ is told about the hours ahead.
   earlier, 48 h for leads beyond 24 h, ...; before the first day, the first day's);
 - ``noisy``: perfect x (1 + e), e Gaussian with std ``noise_frac_at_24h`` x
   sqrt(lead / 24 h), clipped at >= 0 (an error that grows with the lead time);
-- ``average`` (the MPC's PV and load): the mean of the same hour on the last
+- ``average``: the mean of the same hour on the last
   ``AVERAGE_DAYS`` days observed (persistence's day and the 6 before it);
 - ``learned`` (the MPC's PV and load): ``Learned``, a gradient-boosted regression
   fitted on other years of the site (the learners' training years) from the same
@@ -41,8 +41,10 @@ def persistence_source(t: int | np.ndarray, lead: np.ndarray, n_steps: int) -> n
 AVERAGE_DAYS = 7
 
 
-def average_source(t: int, lead: np.ndarray, n_steps: int, days: int = AVERAGE_DAYS) -> np.ndarray:
-    """The steps ``average`` takes the mean of for step t + lead, [leads, days]: persistence's
+def average_source(
+    t: int | np.ndarray, lead: np.ndarray, n_steps: int, days: int = AVERAGE_DAYS
+) -> np.ndarray:
+    """The steps ``average`` takes the mean of for step t + lead, [(t,) leads, days]: persistence's
     step and the same hour on the ``days - 1`` days before it (before the first day, the
     first day's)."""
     back = persistence_source(t, lead, n_steps)[..., None] - DAY_STEPS * np.arange(days)
@@ -72,13 +74,15 @@ def table(
     leads = np.asarray(leads, dtype=np.int64)
     if kind == "persistence":
         return values[persistence_source(t, leads, n)]
+    if kind == "average":
+        return values[average_source(t, leads, n)].mean(axis=-1)
     out = values[np.minimum(t[:, None] + leads[None, :], n - 1)]
     if kind == "noisy":
         rng = np.random.default_rng(seed)
         error = noise_std(leads, noise_frac_at_24h) * rng.standard_normal(out.shape)
         out = out * np.maximum(1.0 + error, 0.0)
     elif kind != "perfect":
-        raise ValueError(f"unknown forecast {kind!r} (perfect | persistence | noisy)")
+        raise ValueError(f"unknown forecast {kind!r} (perfect | persistence | noisy | average)")
     return out
 
 
