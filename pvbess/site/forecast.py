@@ -6,8 +6,8 @@ is told about the hours ahead.
   earlier, 48 h for leads beyond 24 h, ...; before the first day, the first day's);
 - ``noisy``: perfect x (1 + e), e Gaussian with std ``noise_frac_at_24h`` x
   sqrt(lead / 24 h), clipped at >= 0 (an error that grows with the lead time);
-- ``average``: the mean of the same hour on the last
-  ``AVERAGE_DAYS`` days observed (persistence's day and the 6 before it);
+- ``average``: the mean of the same hour on the last ``AVERAGE_DAYS`` days observed
+  (persistence's day and the 6 before it);
 - ``learned`` (the MPC's PV and load): ``Learned``, a gradient-boosted regression
   fitted on other years of the site (the learners' training years) from the same
   hour on the last 7 days observed and the calendar, as CityLearn Challenge
