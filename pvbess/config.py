@@ -412,6 +412,9 @@ BATTERY_ACTIONS = ("power", "grid_target", "mpc_residual")
 EV_ACTIONS = ("intensity", "mpc_residual")
 # What a residual learner's planner forecasts of EV arrivals (env.planner_arrivals).
 PLANNER_ARRIVALS = ("none", "persistence")
+# What a residual learner's planner forecasts PV and load with (env.planner_forecast): the
+# same hour on the last day observed, or its mean over the last 7 days (agent=mpc_average's).
+PLANNER_FORECASTS = ("persistence", "average")
 REWARD_BASELINES = ("none", "uncontrolled", "mpc")
 
 
@@ -509,6 +512,10 @@ class EnvConfig:
     # served agent=mpc does); persistence: for yesterday's arrivals too, shifted a day
     # (as agent=mpc_persistence does). With battery_action=mpc_residual only.
     planner_arrivals: str = "none"
+    # persistence: the residual learner's planner forecasts PV and load as agent=mpc
+    # (the same hour yesterday); average: as agent=mpc_average (that hour's mean over the
+    # last 7 days). With battery_action=mpc_residual only.
+    planner_forecast: str = "persistence"
     # uncontrolled: the uncontrolled site's reward at the same step (a fixed series per
     # year) is subtracted from the training reward; the optimal policy is unchanged.
     # mpc (with battery_action=mpc_residual): the reward of the learner's neutral action
@@ -568,6 +575,17 @@ class EnvConfig:
             self.planner_arrivals == "none" or self.battery_action == "mpc_residual",
             "env.planner_arrivals",
             "the residual learner's planner forecasts arrivals: it needs "
+            "env.battery_action=mpc_residual",
+        )
+        _require(
+            self.planner_forecast in PLANNER_FORECASTS,
+            "env.planner_forecast",
+            f"unknown forecast {self.planner_forecast!r} (choose {' | '.join(PLANNER_FORECASTS)})",
+        )
+        _require(
+            self.planner_forecast == "persistence" or self.battery_action == "mpc_residual",
+            "env.planner_forecast",
+            "the residual learner's planner forecasts PV and load: it needs "
             "env.battery_action=mpc_residual",
         )
         _require(

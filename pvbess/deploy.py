@@ -166,12 +166,13 @@ def build_spec(model: Any, env: Any, agent_target: str, agent: str) -> Spec:
         if obs.forecast != "none":
             leads = list(obs.forecast_leads_h)
         if core.mpc_base is not None:
-            if obs.forecast not in ("none", "persistence"):
+            planned = core.mpc_base.forecast
+            if obs.forecast not in ("none", planned):
                 raise NotDeployable(
                     f"agent {agent!r} is a residual learner that observes {obs.forecast} "
-                    "forecasts while its planner is given persistence ones: a request holds "
+                    f"forecasts while its planner is given {planned} ones: a request holds "
                     "one forecast per lead; train it with env.observations.forecast="
-                    "persistence (levers=mpc_residual) to serve it"
+                    f"{planned} to serve it"
                 )
             policy = core.mpc_base.planner
             expects_arrivals = core.mpc_base.arrivals != "none"

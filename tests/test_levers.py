@@ -279,6 +279,58 @@ def test_zero_residual_with_arrivals_is_the_evaluated_mpc_persistence(tiny_datas
     assert differs > 0  # the arrival forecast changed some decision
 
 
+def test_zero_residual_on_the_average_planner_is_the_evaluated_mpc_average(tiny_dataset) -> None:
+    """``levers=mpc_residual_average``: with the planner forecasting PV and load as each
+    hour's mean over the last 7 days, the zero action is ``agent=mpc_average``'s decision,
+    step after step (rewards and the year's records to 1e-6); the persistence planner
+    decides otherwise on the same days."""
+    from pvbess.control.mpc import Mpc
+
+    plain = SiteEnv(tiny_dataset, _reward(), backend="twin")
+    mpc = Mpc(plain, forecast="average", full_period_bound=False)
+    levers = {
+        "battery_action": "mpc_residual",
+        "ev_action": "mpc_residual",
+        "planner_arrivals": "persistence",
+        "ev_residual_frac": 0.0,
+    }
+    resid = SiteEnv(tiny_dataset, _reward(), backend="twin", planner_forecast="average", **levers)
+    persistence = SiteEnv(tiny_dataset, _reward(), backend="twin", **levers)
+    assert 6 * 24 + 24 <= plain.n_steps  # every window below is whole
+    obs, _ = plain.reset(seed=0)
+    resid.reset(seed=0)
+    persistence.reset(seed=0)
+    zero = np.zeros(resid.action_space.shape[0])
+    differs = 0
+    for _ in range(6 * 24):
+        action = mpc.predict(obs)[0]
+        obs, r, *_ = plain.step(action)
+        _, rr, *_ = resid.step(zero)
+        assert rr == pytest.approx(r, abs=1e-6)
+        persistence.step(zero)
+        differs += int(not np.allclose(persistence.core._base, resid.core._base, atol=1e-6))
+    for col in ("battery_soc_frac", "ev_charging_kwh", "grid_import_kwh"):
+        np.testing.assert_allclose(resid.history()[col], plain.history()[col], atol=1e-6)
+    assert differs > 24  # the forecast changed decisions on more than a day's steps
+
+
+def test_the_average_planner_forecast_by_hand(tiny_dataset) -> None:
+    """Its load forecast for step t + lead (lead <= 24 h, hourly steps) is the mean of the
+    load at t + lead - 24 h, - 48 h, .. - 168 h, a day before the first one standing for
+    the first day's same hour: checked at one step and lead by hand (tiny: 7 days)."""
+    from pvbess.control.residual import MpcBase
+
+    scales = SiteEnv(tiny_dataset, _reward(), backend="twin").scales
+    weights = _reward().weights
+    base = MpcBase(tiny_dataset, weights, scales, forecast="average")
+    t, lead = 150, 5
+    load_kwh = tiny_dataset.series["load_kwh"].to_numpy()
+    want_kwh = np.mean(load_kwh[[131, 107, 83, 59, 35, 11, 11]])  # 155 - 168 -> hour 11
+    assert base.forecasts(t)["load_kwh"][lead - 1] == pytest.approx(want_kwh, rel=1e-12)
+    with pytest.raises(ValueError, match=r"env\.planner_forecast"):
+        MpcBase(tiny_dataset, weights, scales, forecast="learned")
+
+
 def test_with_ev_residual_frac_0_the_charging_is_the_plan(tiny_dataset) -> None:
     """``env.ev_residual_frac=0`` (``levers=mpc_residual_battery``): whatever the learner's
     EV actions, the sockets charge as the planner planned, so a learner that corrects
@@ -309,6 +361,18 @@ def test_with_ev_residual_frac_0_the_charging_is_the_plan(tiny_dataset) -> None:
     )
     with pytest.raises(ValueError, match=r"env\.ev_residual_frac"):
         SiteEnv(tiny_dataset, _reward(), backend="twin", ev_residual_frac=0.5)
+
+
+def test_planner_forecast_needs_the_mpc_battery(tiny_dataset, make_cfg) -> None:
+    with pytest.raises(ValueError, match="battery_action=mpc_residual"):
+        SiteEnv(tiny_dataset, _reward(), backend="twin", planner_forecast="average")
+    with pytest.raises(ConfigError, match=r"env\.planner_forecast"):
+        config.validate(make_cfg("site=tiny", "env.planner_forecast=average"))
+    with pytest.raises(ConfigError, match=r"env\.planner_forecast"):
+        config.validate(
+            make_cfg("site=tiny", "levers=mpc_residual", "env.planner_forecast=perfect")
+        )
+    config.validate(make_cfg("site=tiny", "levers=mpc_residual_average"))
 
 
 def test_planner_arrivals_need_the_mpc_battery(tiny_dataset, make_cfg) -> None:

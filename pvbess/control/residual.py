@@ -6,11 +6,12 @@ Residual policy learning (Johannink et al. 2019, Silver et al. 2018): the learne
 battery action is a correction to a controller's, so it starts where that
 controller is and learns what the controller's forecasts and model miss. The base
 is ``Planner`` (what ``agent=mpc`` serves): a 24 h rolling LP on persistence
-forecasts of PV and load (the same hour on the last observed day), replanned every
-step from the copy's measured state. By default it forecasts no arrivals (as the
-served MPC sent ``[]``); with ``env.planner_arrivals=persistence`` it plans for the
-vehicles that came the day before too, shifted a day with their dwell and energy, as
-``agent=mpc_persistence`` does.
+forecasts of PV and load (the same hour on the last observed day; with
+``env.planner_forecast=average`` that hour's mean over the last 7 days, as
+``agent=mpc_average`` forecasts), replanned every step from the copy's measured
+state. By default it forecasts no arrivals (as the served MPC sent ``[]``); with
+``env.planner_arrivals=persistence`` it plans for the vehicles that came the day before
+too, shifted a day with their dwell and energy, as ``agent=mpc_persistence`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 
-from pvbess.config import PLANNER_ARRIVALS, RewardWeights
+from pvbess.config import PLANNER_ARRIVALS, PLANNER_FORECASTS, RewardWeights
 from pvbess.control import optimal
 from pvbess.control.controllers import Measured, Sockets
 from pvbess.control.mpc import LP_ONLY, Forecast, Planner, Sessions, planner_template
@@ -43,11 +44,17 @@ class MpcBase:
         scales: rw.RewardScales,
         horizon_h: float = 24.0,
         arrivals: str = "none",
+        forecast: str = "persistence",
     ) -> None:
         if arrivals not in PLANNER_ARRIVALS:
             raise ValueError(
                 f"env.planner_arrivals={arrivals!r}: choose {' | '.join(PLANNER_ARRIVALS)}"
             )
+        if forecast not in PLANNER_FORECASTS:
+            raise ValueError(
+                f"env.planner_forecast={forecast!r}: choose {' | '.join(PLANNER_FORECASTS)}"
+            )
+        self.forecast = forecast
         site = dataset.site
         self.horizon = max(round(horizon_h / STEP_HOURS), 2)
         space = action_space(dataset.n_sockets)
@@ -77,8 +84,13 @@ class MpcBase:
     def forecasts(self, t: int | np.ndarray) -> dict[str, np.ndarray]:
         """The PV and load forecasts [kWh per step] the planner is given at step(s) t,
         each [leads] (or [len(t), leads]): persistence, the same hour on the last day
-        observed."""
-        src = site_forecast.persistence_source(t, np.arange(1, self.horizon), len(self.pv_kwh))
+        observed, or average, that hour's mean over the last 7 days (as ``agent=mpc`` and
+        ``agent=mpc_average`` forecast them)."""
+        lead, n = np.arange(1, self.horizon), len(self.pv_kwh)
+        if self.forecast == "average":
+            src = site_forecast.average_source(t, lead, n)
+            return {"pv_kwh": self.pv_kwh[src].mean(-1), "load_kwh": self.load_kwh[src].mean(-1)}
+        src = site_forecast.persistence_source(t, lead, n)
         return {"pv_kwh": self.pv_kwh[src], "load_kwh": self.load_kwh[src]}
 
     def expected(self, t: int) -> Forecast | None:

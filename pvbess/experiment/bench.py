@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 e.ev_action,
                 e.planner_arrivals,
                 e.ev_residual_frac,
+                e.planner_forecast,
             )
             print(
                 f"default learner ({agent_cfg['_target_'].rsplit('.', 1)[-1]}, {levers}, "

@@ -55,6 +55,7 @@ class SiteEnv(gym.Env):
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
         ev_residual_frac: float = 1.0,
+        planner_forecast: str = "persistence",
     ) -> None:
         """``n_envs`` is only recorded (``self.n_envs``): how many copies a trainer steps
         at once (``pvbess.sim.twin.TwinVecEnv``); this env is always one."""
@@ -83,6 +84,7 @@ class SiteEnv(gym.Env):
             ev_action=ev_action,
             planner_arrivals=planner_arrivals,
             ev_residual_frac=ev_residual_frac,
+            planner_forecast=planner_forecast,
         )
         self.scales = self.core.scales
         self.n_sockets = dataset.n_sockets
@@ -211,6 +213,7 @@ def build_envs(
     ev_action: str = "intensity",
     planner_arrivals: str = "none",
     ev_residual_frac: float = 1.0,
+    planner_forecast: str = "persistence",
     reward_baseline: str = "none",
     normalize: bool = False,
     gamma: float = 0.99,
@@ -236,6 +239,7 @@ def build_envs(
     the forecast MPC's battery action), ``ev_action`` (``mpc_residual``: the EV actions
     are corrections to the MPC's charging plan, scaled by ``ev_residual_frac``),
     ``planner_arrivals`` (``persistence``: that planner forecasts yesterday's arrivals),
+    ``planner_forecast`` (``average``: it forecasts PV and load as ``agent=mpc_average``),
     ``reward_baseline`` (``uncontrolled``: each
     training year's uncontrolled reward per step is subtracted from its reward; ``mpc``:
     the reward of the residual learner's zero correction) and ``normalize``
@@ -264,6 +268,7 @@ def build_envs(
         "ev_action": ev_action,
         "planner_arrivals": planner_arrivals,
         "ev_residual_frac": ev_residual_frac,
+        "planner_forecast": planner_forecast,
     }
     evaluate = SiteEnv(dataset, reward, backend=eval_backend, safety_layer=safety_layer, **levers)
     if data_dir is None:
@@ -283,6 +288,7 @@ def build_envs(
             ev_action,
             planner_arrivals,
             ev_residual_frac,
+            planner_forecast,
         ),
     }
     if n_envs > 1:
@@ -338,6 +344,7 @@ def levers_label(
     ev_action: str = "intensity",
     planner_arrivals: str = "none",
     ev_residual_frac: float = 1.0,
+    planner_forecast: str = "persistence",
 ) -> str:
     """A short label of a learner's env levers, e.g. ``obs=time+tariff+fc:perfect act=fleet
     base=uncontrolled norm`` (``sockets`` dropped: ``-sockets``); ``default`` when none."""
@@ -359,8 +366,8 @@ def levers_label(
         parts.append(f"ev={ev_action}")
         if ev_residual_frac != 1.0:
             parts[-1] += f":{ev_residual_frac:g}"
-    if planner_arrivals != "none":
-        parts.append(f"arrivals={planner_arrivals}")
+    planner = {"arrivals": (planner_arrivals, "none"), "planner": (planner_forecast, "persistence")}
+    parts += [f"{key}={value}" for key, (value, default) in planner.items() if value != default]
     if reward_baseline != "none":
         parts.append(f"base={reward_baseline}")
     if normalize:

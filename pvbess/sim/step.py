@@ -463,6 +463,7 @@ class SiteStep:
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
         ev_residual_frac: float = 1.0,
+        planner_forecast: str = "persistence",
     ) -> None:
         self.sim = sim
         self.dataset = dataset
@@ -518,7 +519,13 @@ class SiteStep:
         if battery_action == "mpc_residual":
             from pvbess.control.residual import MpcBase  # the control package imports this one
 
-            self.mpc_base = MpcBase(dataset, reward.weights, self.scales, arrivals=planner_arrivals)
+            self.mpc_base = MpcBase(
+                dataset,
+                reward.weights,
+                self.scales,
+                arrivals=planner_arrivals,
+                forecast=planner_forecast,
+            )
             self.residual = Residual(
                 frac=residual_frac,
                 space=self.action_space,
@@ -530,6 +537,11 @@ class SiteStep:
             raise ValueError(
                 "env.planner_arrivals: the residual learner's planner forecasts arrivals: it "
                 "needs env.battery_action=mpc_residual"
+            )
+        elif planner_forecast != "persistence":
+            raise ValueError(
+                "env.planner_forecast: the residual learner's planner forecasts PV and load: "
+                "it needs env.battery_action=mpc_residual"
             )
         self._base = np.zeros((self.n_envs, 1 + self.n_sockets))
         n_base_obs = 0 if self.residual is None else 1 + self.residual.corrects_plan
@@ -848,7 +860,7 @@ class SiteStep:
                 for j, h in enumerate(obs.forecast_leads_h):
                     cols[forecast_column(name, h)] = table[:n, j] / STEP_HOURS
         if self.mpc_base is not None:
-            # What the residual learner's planner was given (persistence), for a served one
+            # What the residual learner's planner was given, for a served one
             # to read from its request. At a lead the learner observes too, the column stays
             # the learner's: equal when it observes persistence, the only case that is served.
             for name, table in self.mpc_base.forecasts(np.arange(n)).items():

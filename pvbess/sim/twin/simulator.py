@@ -152,6 +152,7 @@ class TwinVecEnv(VecEnv):
         ev_action: str = "intensity",
         planner_arrivals: str = "none",
         ev_residual_frac: float = 1.0,
+        planner_forecast: str = "persistence",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -173,6 +174,7 @@ class TwinVecEnv(VecEnv):
                 ev_action=ev_action,
                 planner_arrivals=planner_arrivals,
                 ev_residual_frac=ev_residual_frac,
+                planner_forecast=planner_forecast,
             )
             for ds in years
         ]
