@@ -565,18 +565,19 @@ def test_vec_normalize_statistics_come_back_on_resume(tiny_dataset, tiny_cfg, tm
 
 
 @pytest.mark.parametrize(
-    ("action_mode", "ev_action", "arrivals", "ev_frac"),
+    ("action_mode", "ev_action", "arrivals", "ev_frac", "forecast"),
     [
-        ("per_socket", "intensity", "none", 1.0),
-        ("fleet", "intensity", "none", 1.0),
-        ("per_socket", "mpc_residual", "none", 1.0),
-        ("fleet", "mpc_residual", "none", 1.0),
-        ("fleet", "mpc_residual", "persistence", 1.0),
-        ("per_socket", "mpc_residual", "none", 0.0),  # the battery corrected only
+        ("per_socket", "intensity", "none", 1.0, "persistence"),
+        ("fleet", "intensity", "none", 1.0, "persistence"),
+        ("per_socket", "mpc_residual", "none", 1.0, "persistence"),
+        ("fleet", "mpc_residual", "none", 1.0, "persistence"),
+        ("fleet", "mpc_residual", "persistence", 1.0, "persistence"),
+        ("per_socket", "mpc_residual", "none", 0.0, "persistence"),  # the battery only
+        ("fleet", "mpc_residual", "persistence", 0.0, "average"),  # mpc_residual_average
     ],
 )
 def test_a_residual_learner_is_served_as_evaluated(
-    tiny_dataset, action_mode, ev_action, arrivals, ev_frac
+    tiny_dataset, action_mode, ev_action, arrivals, ev_frac, forecast
 ) -> None:
     """The served model carries the planner under the learner: the states a residual PPO
     met over two days, asked of ``pvbess.deploy.answer``, get the battery and socket powers
@@ -596,10 +597,11 @@ def test_a_residual_learner_is_served_as_evaluated(
     # levers=default's observations; per-socket ones differ by design (README: a just-plugged
     # vehicle's SOC), so they are off as there.
     observations = ObservationConfig(
-        sockets=False, time=True, tariff=True, forecast="persistence", peak=True, fleet=True
+        sockets=False, time=True, tariff=True, forecast=forecast, peak=True, fleet=True
     )
     levers = {"action_mode": action_mode, "battery_action": "mpc_residual", "ev_action": ev_action}
     levers |= {"planner_arrivals": arrivals, "ev_residual_frac": ev_frac}
+    levers |= {"planner_forecast": forecast}
     env = SiteEnv(tiny_dataset, _reward(), backend="twin", observations=observations, **levers)
     model = PPO(ResidualPolicy, env, seed=0)
     with torch.no_grad():  # a policy that corrects: the untrained one answers the plan alone
@@ -643,20 +645,28 @@ def _plan_alone(env: SiteEnv, taken, spec) -> np.ndarray:
     return np.asarray(out) * env.site.bess.power_kw
 
 
-def test_a_residual_learner_on_other_forecasts_is_not_served(tiny_dataset) -> None:
-    """Its request would need two forecasts at one lead (the learner's, the planner's
-    persistence): refused by name, where the run would log ``controller=not deployable``."""
+@pytest.mark.parametrize(
+    ("observed", "planned"), [("perfect", "persistence"), ("persistence", "average")]
+)
+def test_a_residual_learner_on_other_forecasts_is_not_served(
+    tiny_dataset, observed, planned
+) -> None:
+    """Its request would need two forecasts at one lead (the learner's, the planner's):
+    refused by name, where the run would log ``controller=not deployable``."""
     from pvbess import deploy
 
-    observations = ObservationConfig(forecast="perfect")
     env = SiteEnv(
         tiny_dataset,
         _reward(),
         backend="twin",
-        observations=observations,
+        observations=ObservationConfig(forecast=observed),
         battery_action="mpc_residual",
+        planner_forecast=planned,
     )
-    with pytest.raises(deploy.NotDeployable, match="residual learner that observes perfect"):
+    with pytest.raises(
+        deploy.NotDeployable,
+        match=f"observes {observed} forecasts while its planner is given {planned}",
+    ):
         deploy.build_spec(object(), env, "stable_baselines3.PPO", "ppo_residual")
 
 
