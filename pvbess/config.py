@@ -669,6 +669,9 @@ class TrainConfig:
     # Training steps between scores on the validation year (env.validation_seed) that
     # choose the policy a learner is evaluated with; 0 = none.
     select_every: int = 25000
+    # PPO and A2C: env steps during which only the value function is trained, the
+    # policy left where it started (pvbess.experiment.warmup); 0 = none.
+    critic_warmup_steps: int = 0
     # A run directory or an MLflow run id: continue that run from its last checkpoint.
     resume: str | None = None
     # A learner with total_timesteps=0 evaluates an untrained policy; refused unless this
@@ -695,6 +698,11 @@ class TrainConfig:
         )
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.select_every >= 0, "select_every", f"must be >= 0, got {self.select_every}")
+        _require(
+            self.critic_warmup_steps >= 0,
+            "critic_warmup_steps",
+            f"must be >= 0, got {self.critic_warmup_steps}",
+        )
         _require(
             self.env.validation_seed != self.site.seed,
             "env.validation_seed",

@@ -287,6 +287,10 @@ def learn(
     if ckpt is not None:
         checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
     extra = []
+    if cfg.get("critic_warmup_steps", 0) > 0:
+        from pvbess.experiment.warmup import CriticWarmup
+
+        extra.append(CriticWarmup(cfg.critic_warmup_steps))
     if cfg.eval_every > 0 and curve_env is not None:
         extra.append(evaluation.learning_curve_callback(curve_env, cfg.eval_every, buffer.add))
     if selects(cfg) and validation_env is not None:
