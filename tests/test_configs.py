@@ -153,7 +153,7 @@ def test_study_presets_sweep_what_make_compare_all_runs() -> None:
     assert swept["study_learners"]["agent"] == ["ppo", "a2c"]
     assert swept["study_sac"]["agent"] == ["sac"]
     assert swept["study_residual"]["agent"] == ["ppo_residual"]
-    assert swept["study_residual"]["levers"] == ["mpc_residual_arrivals"]
+    assert swept["study_residual"]["levers"] == ["mpc_residual_average"]
     assert swept["mpc_forecasts"] == {
         **{
             f"agent.forecast_{k}": ["perfect", "persistence", "average", "learned"]
