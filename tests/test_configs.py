@@ -73,6 +73,7 @@ def test_override_reaches_nested_site_value() -> None:
         ("reward.weights.co2=-1", "reward.weights.co2"),
         ("eval_episodes=0", "eval_episodes"),
         ("select_every=-1", "select_every"),
+        ("critic_warmup_steps=-1", "critic_warmup_steps"),
         # The policy is chosen on a year that is neither trained on nor reported.
         ("env.validation_seed=1", "env.validation_seed"),
         ("env.validation_seed=0", "env.validation_seed"),

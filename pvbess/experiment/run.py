@@ -287,7 +287,7 @@ def learn(
     if ckpt is not None:
         checkpoints.restore_logger_state(model.logger, checkpoints.read_logger_state(ckpt))
     extra = []
-    if cfg.get("critic_warmup_steps", 0) > 0:
+    if cfg.critic_warmup_steps > 0:
         from pvbess.experiment.warmup import CriticWarmup
 
         extra.append(CriticWarmup(cfg.critic_warmup_steps))

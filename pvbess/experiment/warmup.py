@@ -31,14 +31,13 @@ def actor_parameters(policy: ActorCriticPolicy) -> list[Any]:
 class CriticWarmup(BaseCallback):
     """Freezes the actor for the updates whose rollout ended at or before ``until_steps``
     env steps, so PPO or A2C trains only its value function on those steps. Stateless
-    across resumes: each update's choice follows the model's step count."""
+    across resumes: each update's choice follows the model's step count (the config
+    check refuses a negative count)."""
 
     def __init__(self, until_steps: int) -> None:
         super().__init__()
-        if until_steps < 0:
-            raise ValueError(f"critic_warmup_steps must be >= 0, got {until_steps}")
         self.until_steps = until_steps
-        self.frozen: bool | None = None
+        self.frozen = False
 
     def _on_training_start(self) -> None:
         if not isinstance(self.model.policy, ActorCriticPolicy):
@@ -46,30 +45,28 @@ class CriticWarmup(BaseCallback):
                 "critic_warmup_steps needs an on-policy actor-critic (PPO, A2C); "
                 f"{type(self.model).__name__} has {type(self.model.policy).__name__}"
             )
-        self._set(self._warming())
+        if self._warming():
+            self._freeze(True)
+            log.info("critic warm-up: actor frozen until step %d", self.until_steps)
 
     def _on_rollout_end(self) -> None:
-        # Called after each rollout, before the update that learns from it.
-        self._set(self._warming())
+        # Called after each rollout, before the update that learns from it. Steps only
+        # grow, so a thawed actor stays thawed.
+        if self.frozen and not self._warming():
+            self._freeze(False)
+            log.info("critic warm-up over: actor trained from step %d", self.model.num_timesteps)
 
     def _on_training_end(self) -> None:
-        self._set(False)
-
-    def _warming(self) -> bool:
-        return 0 < self.until_steps and self.model.num_timesteps <= self.until_steps
+        if self.frozen:
+            self._freeze(False)
 
     def _on_step(self) -> bool:
         return True
 
-    def _set(self, frozen: bool) -> None:
-        if frozen == self.frozen:
-            return
+    def _warming(self) -> bool:
+        return 0 < self.until_steps and self.model.num_timesteps <= self.until_steps
+
+    def _freeze(self, frozen: bool) -> None:
         for p in actor_parameters(self.model.policy):
             p.requires_grad_(not frozen)
-        if self.frozen is not None or frozen:
-            log.info(
-                "critic warm-up: actor %s at step %d",
-                "frozen" if frozen else "trained",
-                self.model.num_timesteps,
-            )
         self.frozen = frozen
